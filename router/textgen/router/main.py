@@ -1,2 +1,223 @@
-def main() -> None:
-    print("router")
+"""`textgen-router`: connect to the shards, warm them up, serve HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from textgen.proto import generate_pb2 as pb
+from textgen.router import __version__
+from textgen.router.allocator import BlockAllocator
+from textgen.router.client import ShardClient
+from textgen.router.config import RouterConfig
+from textgen.router.http.app import RouterState, build_app
+from textgen.router.infer import Infer
+from textgen.router.queue import Queue
+from textgen.router.request import TokenizerInfo
+from textgen.router.scheduler import Scheduler, SchedulerConfig
+from textgen.router.validation import Validation, ValidationLimits
+
+logger = logging.getLogger("textgen.router")
+
+# Seconds uvicorn lets running requests finish after SIGTERM before closing them.
+_GRACEFUL_SHUTDOWN_S = 30
+
+
+def parse_args(argv: list[str] | None = None) -> RouterConfig:
+    parser = argparse.ArgumentParser("textgen-router", description=__doc__)
+    for field in dataclasses.fields(RouterConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", default=field.default)
+        elif field.default is dataclasses.MISSING:
+            parser.add_argument(flag, required=True)
+        else:
+            parse = float if "float" in kind else int if "int" in kind else str
+            parser.add_argument(flag, type=parse, default=field.default)
+    args = parser.parse_args(argv)
+    try:
+        return RouterConfig(**vars(args))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def load_tokenizer(model_dir: str) -> TokenizerInfo:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation_config = Path(model_dir) / "generation_config.json"
+    if generation_config.exists():
+        configured = json.loads(generation_config.read_text()).get("eos_token_id")
+        eos |= set(configured if isinstance(configured, list) else [configured]) - {None}
+    return TokenizerInfo(tokenizer, frozenset(eos), frozenset(tokenizer.all_special_ids))
+
+
+async def start(config: RouterConfig) -> RouterState:
+    """Connect to the shards, size the KV cache through Warmup, and start the batching loop."""
+    client = await ShardClient.connect(config.master_shard_uds_path)
+    shard_info = await client.info()
+    logger.info("connected to %d shard(s); warming up", client.num_shards)
+    started = time.monotonic()
+    num_blocks = await client.warmup(
+        pb.WarmupRequest(
+            max_input_tokens=config.max_input_tokens,
+            max_total_tokens=config.max_total_tokens,
+            max_prefill_tokens=config.max_batch_prefill_tokens,
+            max_batch_size=config.max_batch_size or 0,
+        )
+    )
+    allocator = BlockAllocator(num_blocks, shard_info.block_size)
+    max_batch_total_tokens = _max_batch_total_tokens(config, allocator)
+    logger.info(
+        "warmup done in %.1fs: %d KV blocks of %d tokens, max_batch_total_tokens=%d",
+        time.monotonic() - started,
+        num_blocks,
+        shard_info.block_size,
+        max_batch_total_tokens,
+    )
+    queue = Queue(allocator)
+    scheduler = Scheduler(
+        client,
+        queue,
+        allocator,
+        SchedulerConfig(
+            max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+            max_batch_total_tokens=max_batch_total_tokens,
+            max_batch_size=config.max_batch_size,
+            waiting_served_ratio=config.waiting_served_ratio,
+            max_waiting_tokens=config.max_waiting_tokens,
+        ),
+    )
+    tokenizer = load_tokenizer(config.model_dir)
+    validation = Validation(
+        lambda text: tokenizer.tokenizer(text)["input_ids"],
+        ValidationLimits(
+            max_input_tokens=config.max_input_tokens,
+            max_total_tokens=config.max_total_tokens,
+            max_stop_sequences=config.max_stop_sequences,
+            max_new_tokens_default=config.max_new_tokens_default,
+        ),
+    )
+    infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests)
+    info = _info(config, shard_info, max_batch_total_tokens)
+    return RouterState(infer, scheduler, client, info, config.payload_limit)
+
+
+def _max_batch_total_tokens(config: RouterConfig, allocator: BlockAllocator) -> int:
+    capacity = allocator.max_tokens
+    if config.max_total_tokens > capacity:
+        raise SystemExit(
+            f"error: the KV cache holds {capacity} tokens, less than --max-total-tokens "
+            f"{config.max_total_tokens}; raise the shard's KV memory or lower the limit"
+        )
+    if config.max_batch_total_tokens is None:
+        return capacity
+    if config.max_batch_total_tokens > capacity:
+        logger.warning(
+            "--max-batch-total-tokens %d exceeds the KV cache (%d tokens); using %d",
+            config.max_batch_total_tokens,
+            capacity,
+            capacity,
+        )
+        return capacity
+    return config.max_batch_total_tokens
+
+
+def _info(config: RouterConfig, shard: pb.InfoResponse, max_batch_total_tokens: int) -> dict:
+    return {
+        "model_id": config.model_id or config.model_dir,
+        "model_sha": None,
+        "model_pipeline_tag": "text-generation",
+        "model_dtype": shard.dtype,
+        "model_device_type": shard.device_type,
+        "max_concurrent_requests": config.max_concurrent_requests,
+        "max_best_of": 1,
+        "max_stop_sequences": config.max_stop_sequences,
+        "max_input_tokens": config.max_input_tokens,
+        "max_total_tokens": config.max_total_tokens,
+        "max_batch_total_tokens": max_batch_total_tokens,
+        "max_waiting_tokens": config.max_waiting_tokens,
+        "max_batch_size": config.max_batch_size,
+        "waiting_served_ratio": config.waiting_served_ratio,
+        "validation_workers": 1,
+        "max_client_batch_size": 1,
+        "router": "textgen-router",
+        "version": __version__,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+def make_lifespan(config: RouterConfig) -> Any:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        import asyncio
+
+        state = await start(config)
+        app.state.router = state
+        loop_task = asyncio.create_task(state.scheduler.run(), name="batching-loop")
+        loop_task.add_done_callback(_exit_if_loop_died)
+        try:
+            yield
+        finally:
+            loop_task.remove_done_callback(_exit_if_loop_died)
+            loop_task.cancel()
+            await state.client.close()
+
+    return lifespan
+
+
+def _exit_if_loop_died(task: Any) -> None:
+    # The batching loop never returns; if it raised, the router cannot serve anything.
+    if not task.cancelled() and task.exception() is not None:
+        logger.critical("batching loop died", exc_info=task.exception())
+        sys.exit(1)
+
+
+def setup_logging(json_output: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_output:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "timestamp": self.formatTime(record),
+                "level": record.levelname,
+                "target": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    setup_logging(config.json_output)
+    app = build_app(make_lifespan(config))
+    uvicorn.run(
+        app,
+        host=config.hostname,
+        port=config.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        lifespan="on",
+    )

@@ -1,0 +1,43 @@
+"""The serving benchmark's configuration: one frozen dataclass, checked once."""
+
+from dataclasses import dataclass
+
+from textgen.benchmark.apis import APIS
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What `textgen-benchmark serving` sends, and to whom. CLI defaults come from here."""
+
+    url: str = "http://127.0.0.1:8080"
+    api: str = "tgi"  # a key of APIS
+    model: str = "textgen"  # the "model" field of OpenAI requests
+    concurrency: tuple[int, ...] = (1, 16)  # levels, run in turn
+    num_requests: int | None = None  # per level; None: max(2 * concurrency, 4)
+    max_new_tokens: int = 64
+    prompt_tokens: int = 32  # approximate: one word per token
+    seed: int = 0
+    warmup: int = 1  # requests sent before each level and not measured
+    timeout: float = 120.0  # seconds an HTTP operation may wait (connect, read, write)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        if self.api not in APIS:
+            raise ValueError(f"api must be one of {sorted(APIS)}, got {self.api!r}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.max_new_tokens < 1 or self.prompt_tokens < 1:
+            raise ValueError("max_new_tokens and prompt_tokens must be >= 1")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {self.timeout}")
+
+    def num_requests_for(self, concurrency: int) -> int:
+        """Measured requests at one concurrency level."""
+        if self.num_requests is not None:
+            return self.num_requests
+        return max(2 * concurrency, 4)

@@ -1,0 +1,109 @@
+"""`textgen-benchmark`: load generators for a running textgen server."""
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from textgen.benchmark.apis import APIS
+from textgen.benchmark.config import ServingConfig
+from textgen.benchmark.report import render_json, render_table
+from textgen.benchmark.serving import run_serving
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textgen-benchmark", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serving = commands.add_parser(
+        "serving",
+        help="concurrent streaming requests against a running server",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_serving_arguments(serving)
+    return parser
+
+
+def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServingConfig
+    add = parser.add_argument
+    add("--url", default=d.url, help="server URL")
+    add(
+        "--api",
+        choices=sorted(APIS),
+        default=d.api,
+        help="tgi: POST /generate_stream; openai: POST /v1/completions",
+    )
+    add("--model", default=d.model, help="model field of OpenAI requests")
+    add(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(d.concurrency),
+        metavar="N",
+        help="concurrency levels, run in turn",
+    )
+    add(
+        "--num-requests",
+        type=int,
+        default=d.num_requests,
+        metavar="N",
+        help="measured requests per level; None: 2 x concurrency, at least 4",
+    )
+    add(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        metavar="N",
+        help="tokens generated per request (end of sequence ignored)",
+    )
+    add(
+        "--prompt-tokens",
+        type=int,
+        default=d.prompt_tokens,
+        metavar="N",
+        help="approximate prompt length, one word per token",
+    )
+    add("--seed", type=int, default=d.seed, help="seed of the prompts")
+    add(
+        "--warmup",
+        type=int,
+        default=d.warmup,
+        metavar="N",
+        help="unmeasured requests sent before each level",
+    )
+    add(
+        "--timeout",
+        type=float,
+        default=d.timeout,
+        metavar="SECONDS",
+        help="how long an HTTP connect, read or write may wait",
+    )
+    add("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Returns 1 when no measured request succeeded, else 0."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = ServingConfig(
+            url=args.url,
+            api=args.api,
+            model=args.model,
+            concurrency=tuple(args.concurrency),
+            num_requests=args.num_requests,
+            max_new_tokens=args.max_new_tokens,
+            prompt_tokens=args.prompt_tokens,
+            seed=args.seed,
+            warmup=args.warmup,
+            timeout=args.timeout,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    summaries = asyncio.run(run_serving(config))
+    print(render_json(config, summaries) if args.json else render_table(summaries))
+    return 0 if any(s.num_ok for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The serving benchmark: each concurrency level in turn, N streaming requests per level.
+
+A level runs `concurrency` workers over one shared list of prompts, so exactly
+`concurrency` requests are in flight until the list runs dry. Warm-up requests go
+first, through the same client, and are not measured.
+"""
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TextIO
+
+import httpx
+
+from textgen.benchmark.apis import APIS
+from textgen.benchmark.client import RequestResult, send_request
+from textgen.benchmark.config import ServingConfig
+from textgen.benchmark.prompts import make_prompts
+from textgen.benchmark.summary import LevelSummary, summarize
+
+Send = Callable[[str], Awaitable[RequestResult]]
+
+
+class Progress:
+    """A counter line on a terminal, rewritten as requests finish; silent elsewhere."""
+
+    def __init__(self, stream: TextIO, label: str, total: int) -> None:
+        self.enabled = stream.isatty()
+        self.stream = stream
+        self.label = label
+        self.total = total
+        self.num_done = 0
+        self.num_failed = 0
+
+    def update(self, result: RequestResult) -> None:
+        self.num_done += 1
+        self.num_failed += not result.ok
+        if self.enabled:
+            line = f"\r{self.label}: {self.num_done}/{self.total} done, {self.num_failed} failed"
+            self.stream.write(line)
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def run_serving(
+    config: ServingConfig, progress_stream: TextIO | None = None
+) -> list[LevelSummary]:
+    """Runs every concurrency level of `config` in turn; progress goes to stderr by default."""
+    progress_stream = progress_stream or sys.stderr
+    return [
+        await run_level(config, concurrency, progress_stream) for concurrency in config.concurrency
+    ]
+
+
+async def run_level(
+    config: ServingConfig, concurrency: int, progress_stream: TextIO
+) -> LevelSummary:
+    num_requests = config.num_requests_for(concurrency)
+    prompts = make_prompts(config.warmup + num_requests, config.prompt_tokens, config.seed)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=config.url, limits=limits, timeout=config.timeout
+    ) as client:
+        api = APIS[config.api]
+        send = partial(
+            send_request, client, api, max_new_tokens=config.max_new_tokens, model=config.model
+        )
+        await run_pool(send, prompts[: config.warmup], concurrency)
+        progress = Progress(progress_stream, f"concurrency {concurrency}", num_requests)
+        start = time.perf_counter()
+        results = await run_pool(send, prompts[config.warmup :], concurrency, progress.update)
+        wall_s = time.perf_counter() - start
+        progress.close()
+    return summarize(concurrency, results, wall_s)
+
+
+async def run_pool(
+    send: Send,
+    prompts: list[str],
+    concurrency: int,
+    on_done: Callable[[RequestResult], None] = lambda result: None,
+) -> list[RequestResult]:
+    """Sends every prompt, at most `concurrency` at a time; results in completion order."""
+    results: list[RequestResult] = []
+    pending = iter(prompts)  # NOTE: shared by the workers; each prompt is taken exactly once
+
+    async def worker() -> None:
+        for prompt in pending:
+            result = await send(prompt)
+            results.append(result)
+            on_done(result)
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
+    return results

@@ -1,0 +1,99 @@
+"""Small fakes for router unit tests: a character tokenizer and an in-memory shard."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+
+from textgen.proto import generate_pb2 as pb
+from textgen.router.client import StepResult
+from textgen.router.request import TokenizerInfo
+
+EOS = 0
+
+
+class CharTokenizer:
+    """One token per character; id 0 is EOS."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join("" if i == EOS else chr(i) for i in ids)
+
+
+def tokenizer_info() -> TokenizerInfo:
+    return TokenizerInfo(CharTokenizer(), frozenset({EOS}), frozenset({EOS}))
+
+
+@dataclass
+class FakeShard:
+    """Replays a script per request: the characters of `replies[first prompt char]`, then EOS.
+
+    It keeps TGI's batch semantics (prefill creates a batch, decode concatenates,
+    filter keeps ids) and records every call, so tests can check who ran with whom.
+    `gate`, when set, makes each decode wait until the test releases it.
+    """
+
+    replies: dict[str, str]
+    calls: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    batches: dict[int, list[int]] = field(default_factory=dict)
+    progress: dict[int, int] = field(default_factory=dict)
+    scripts: dict[int, str] = field(default_factory=dict)
+    gate: asyncio.Semaphore | None = None
+    fail_next_decode: bool = False
+
+    async def prefill(self, batch: pb.Batch) -> StepResult:
+        ids = [r.id for r in batch.requests]
+        self.calls.append(("prefill", tuple(ids)))
+        for request in batch.requests:
+            self.scripts[request.id] = self.replies[chr(request.input_ids[0])]
+            self.progress[request.id] = 0
+        self.batches[batch.id] = ids
+        return self._step(batch.id, ids)
+
+    async def decode(self, batches: list[pb.CachedBatch]) -> StepResult:
+        if self.gate is not None:
+            await self.gate.acquire()
+        ids = [i for b in batches for i in self.batches.pop(b.id)]
+        self.calls.append(("decode", tuple(ids)))
+        if self.fail_next_decode:
+            self.fail_next_decode = False
+            raise rpc_error("shard exploded")
+        self.batches[batches[0].id] = ids
+        return self._step(batches[0].id, ids)
+
+    async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch | None:
+        self.calls.append(("filter", tuple(request_ids)))
+        if not request_ids:
+            del self.batches[batch_id]
+            return None
+        self.batches[batch_id] = [i for i in self.batches[batch_id] if i in request_ids]
+        return self._cached(batch_id)
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        self.calls.append(("clear", () if batch_id is None else (batch_id,)))
+        self.batches.pop(batch_id, None)
+
+    def _step(self, batch_id: int, ids: list[int]) -> StepResult:
+        generations = []
+        for request_id in ids:
+            script, n = self.scripts[request_id], self.progress[request_id]
+            token = ord(script[n]) if n < len(script) else EOS
+            self.progress[request_id] = n + 1
+            generations.append(
+                pb.Generation(request_id=request_id, tokens=pb.Tokens(ids=[token], logprobs=[-0.5]))
+            )
+        return StepResult(generations, self._cached(batch_id), 0, 0)
+
+    def _cached(self, batch_id: int) -> pb.CachedBatch:
+        ids = self.batches[batch_id]
+        return pb.CachedBatch(id=batch_id, request_ids=ids, size=len(ids))
+
+
+def rpc_error(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )

@@ -1,0 +1,184 @@
+import asyncio
+
+import pytest
+from router_fakes import FakeShard, tokenizer_info
+
+from textgen.router.allocator import BlockAllocator
+from textgen.router.errors import GenerationError
+from textgen.router.queue import Queue
+from textgen.router.request import Entry, SamplingParams, StoppingParams, ValidRequest
+from textgen.router.scheduler import Scheduler, SchedulerConfig
+
+
+def make_entry(request_id: int, prompt: str, max_new_tokens: int = 16, stop=()) -> Entry:
+    request = ValidRequest(
+        inputs=prompt,
+        input_ids=tuple(ord(c) for c in prompt),
+        sampling=SamplingParams(),
+        stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_sequences=stop),
+    )
+    return Entry(request_id, request, tokenizer_info())
+
+
+class Harness:
+    def __init__(self, replies: dict[str, str], num_blocks: int = 64, gated: bool = False):
+        self.shard = FakeShard(replies, gate=asyncio.Semaphore(0) if gated else None)
+        self.allocator = BlockAllocator(num_blocks, block_size=4)
+        self.queue = Queue(self.allocator)
+        config = SchedulerConfig(
+            max_batch_prefill_tokens=64,
+            max_batch_total_tokens=None,
+            max_batch_size=None,
+            waiting_served_ratio=0.3,
+            max_waiting_tokens=20,
+        )
+        self.scheduler = Scheduler(self.shard, self.queue, self.allocator, config)
+        self.task = asyncio.create_task(self.scheduler.run())
+
+    async def result(self, entry: Entry) -> str:
+        while True:
+            event = await asyncio.wait_for(entry.events.get(), 5)
+            if not hasattr(event, "ending"):
+                raise event
+            if event.ending is not None:
+                return event.ending.generated_text
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            self.shard.gate.release()
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+async def test_single_request_runs_to_eos_and_frees_its_blocks():
+    h = Harness({"a": "hello"})
+    entry = make_entry(1, "abc")
+    h.queue.append(entry)
+    assert await h.result(entry) == "hello"
+    await h.settle()
+    assert h.allocator.num_used_blocks == 0
+    assert h.shard.calls[0] == ("prefill", (1,))
+    assert h.shard.calls[-1] == ("filter", ())
+    h.close()
+
+
+async def test_request_arriving_mid_decode_joins_the_running_batch():
+    h = Harness({"a": "aaaaaaaaaa", "b": "bb"}, gated=True)
+    first = make_entry(1, "a")
+    h.queue.append(first)
+    h.steps(3)
+    await h.settle()
+    assert h.shard.calls == [("prefill", (1,))] + [("decode", (1,))] * 3
+    second = make_entry(2, "b")
+    h.queue.append(second)
+    h.steps(2)
+    await h.settle()
+    # The newcomer is prefilled between two decode steps and then decoded with the first,
+    # which is still running.
+    joined = h.shard.calls.index(("prefill", (2,)))
+    assert h.shard.calls[joined + 1] == ("decode", (1, 2))
+    assert not first.finished
+    h.steps(3)
+    await h.settle()
+    assert await h.result(second) == "bb"
+    # Once finished, the second request is filtered out and the first decodes alone.
+    left = h.shard.calls.index(("filter", (1,)))
+    assert h.shard.calls[left + 1] == ("decode", (1,))
+    assert not first.finished
+    h.steps(20)
+    assert await h.result(first) == "aaaaaaaaaa"
+    h.close()
+
+
+async def test_waiting_served_ratio_holds_newcomers_until_enough_wait():
+    h = Harness({c: c * 30 for c in "abcdefghij"}, gated=True)
+    h.scheduler._config = SchedulerConfig(
+        64, None, None, waiting_served_ratio=1.0, max_waiting_tokens=4
+    )
+    for i, c in enumerate("abcd"):
+        h.queue.append(make_entry(i, c))
+    h.steps(1)
+    await h.settle()
+    assert h.shard.calls[0] == ("prefill", (0, 1, 2, 3))
+    # One newcomer against a batch of four: held back (ratio 1.0) until it waited 4 steps.
+    h.queue.append(make_entry(9, "j"))
+    h.steps(2)
+    await h.settle()
+    assert all(call[0] == "decode" for call in h.shard.calls[1:])
+    h.steps(4)
+    await h.settle()
+    assert ("prefill", (9,)) in h.shard.calls
+    h.close()
+
+
+async def test_stop_sequence_and_length_end_requests():
+    h = Harness({"a": "one two three", "b": "xxxxxxxxxxxx"})
+    stopped = make_entry(1, "a", stop=("two",))
+    capped = make_entry(2, "b", max_new_tokens=5)
+    h.queue.append(stopped)
+    h.queue.append(capped)
+    assert await h.result(stopped) == "one two"
+    assert await h.result(capped) == "xxxxx"
+    await h.settle()
+    assert h.allocator.num_used_blocks == 0
+    h.close()
+
+
+async def test_cancelled_request_is_filtered_at_the_next_step_and_freed():
+    h = Harness({"a": "a" * 40, "b": "b" * 40}, gated=True)
+    keep, drop = make_entry(1, "a", 50), make_entry(2, "b", 50)
+    h.queue.append(keep)
+    h.queue.append(drop)
+    h.steps(2)
+    await h.settle()
+    used = h.allocator.num_used_blocks
+    drop.cancel()
+    h.steps(2)  # the step already in flight, then the first one after the cancel
+    await h.settle()
+    assert ("filter", (1,)) in h.shard.calls
+    assert h.shard.calls[-1] == ("decode", (1,))
+    assert h.allocator.num_used_blocks < used
+    h.close()
+
+
+async def test_cancelled_while_queued_never_reaches_the_shard():
+    h = Harness({"a": "a"})
+    entry = make_entry(1, "a")
+    entry.cancel()
+    h.queue.append(entry)
+    await h.settle()
+    assert h.shard.calls == []
+    assert len(h.queue) == 0
+    h.close()
+
+
+async def test_shard_failure_fails_the_batch_with_424_and_keeps_serving():
+    h = Harness({"a": "aaaa", "b": "bb"})
+    h.shard.fail_next_decode = True
+    failed = make_entry(1, "a")
+    h.queue.append(failed)
+    with pytest.raises(GenerationError, match="shard exploded"):
+        await h.result(failed)
+    assert h.allocator.num_used_blocks == 0
+    later = make_entry(2, "b")
+    h.queue.append(later)
+    assert await h.result(later) == "bb"
+    h.close()
+
+
+async def test_requests_wait_for_kv_blocks_instead_of_failing():
+    # 5 usable blocks of 4 tokens: room for one request of 1 + 15 tokens at a time.
+    h = Harness({"a": "a" * 10, "b": "b" * 10}, num_blocks=6)
+    first, second = make_entry(1, "a", 15), make_entry(2, "b", 15)
+    h.queue.append(first)
+    h.queue.append(second)
+    assert await h.result(first) == "a" * 10
+    assert await h.result(second) == "b" * 10
+    prefills = [call for call in h.shard.calls if call[0] == "prefill"]
+    assert prefills == [("prefill", (1,)), ("prefill", (2,))]
+    h.close()

@@ -1,0 +1,92 @@
+"""gRPC client of the shards: every call goes to all of them at once.
+
+Every shard runs the whole batch (tensor parallelism splits the work inside a
+step), so a step is one concurrent call per shard; rank 0's reply carries the
+generations. An error from any shard fails the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from textgen.proto import generate_pb2 as pb
+from textgen.proto.generate_pb2_grpc import TextGenerationServiceStub
+
+# Prefill replies carry per-token logprobs for long prompts; keep well above gRPC's 4 MiB.
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    generations: Sequence[pb.Generation]
+    batch: pb.CachedBatch | None
+    forward_ns: int
+    total_ns: int
+
+
+class ShardClient:
+    """The shards of one model, reached through rank 0's ServiceDiscovery."""
+
+    def __init__(self, channels: list[grpc.aio.Channel]) -> None:
+        self._channels = channels
+        self._stubs = [TextGenerationServiceStub(channel) for channel in channels]
+
+    @classmethod
+    async def connect(cls, master_uds_path: str) -> ShardClient:
+        master = grpc.aio.insecure_channel(f"unix://{master_uds_path}", options=_CHANNEL_OPTIONS)
+        reply = await TextGenerationServiceStub(master).ServiceDiscovery(
+            pb.ServiceDiscoveryRequest()
+        )
+        await master.close()
+        channels = [grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS) for url in reply.urls]
+        return cls(channels)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._stubs)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels))
+
+    async def _all(self, method: str, request: object) -> list:
+        return await asyncio.gather(*(getattr(stub, method)(request) for stub in self._stubs))
+
+    async def info(self) -> pb.InfoResponse:
+        return (await self._all("Info", pb.InfoRequest()))[0]
+
+    async def health(self) -> None:
+        await self._all("Health", pb.HealthRequest())
+
+    async def warmup(self, request: pb.WarmupRequest) -> int:
+        """Run the largest step on every shard; return the KV blocks all of them can hold."""
+        replies = await self._all("Warmup", request)
+        return min(reply.num_blocks for reply in replies)
+
+    async def prefill(self, batch: pb.Batch) -> StepResult:
+        reply = (await self._all("Prefill", pb.PrefillRequest(batch=batch)))[0]
+        return _step_result(reply)
+
+    async def decode(self, batches: list[pb.CachedBatch]) -> StepResult:
+        reply = (await self._all("Decode", pb.DecodeRequest(batches=batches)))[0]
+        return _step_result(reply)
+
+    async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch | None:
+        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)
+        reply = (await self._all("FilterBatch", request))[0]
+        return reply.batch if reply.HasField("batch") else None
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        await self._all("ClearCache", pb.ClearCacheRequest(id=batch_id))
+
+
+def _step_result(reply: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:
+    batch = reply.batch if reply.HasField("batch") else None
+    return StepResult(reply.generations, batch, reply.forward_ns, reply.total_ns)

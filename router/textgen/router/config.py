@@ -1,0 +1,46 @@
+"""The router's configuration: one frozen dataclass, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything the router is started with; `textgen-router` flags mirror these fields."""
+
+    model_dir: str
+    """Local directory holding the tokenizer and config.json (resolved by the launcher)."""
+    master_shard_uds_path: str
+    """Rank 0's unix socket path; the other shards are found through ServiceDiscovery."""
+    model_id: str = ""
+    """The name /info reports; defaults to model_dir."""
+    hostname: str = "0.0.0.0"
+    port: int = 8080
+    max_input_tokens: int = 4095
+    max_total_tokens: int = 4096
+    max_batch_prefill_tokens: int = 4145
+    max_batch_total_tokens: int | None = None
+    """KV tokens in flight at once; None means as many as the shards' cache holds."""
+    max_batch_size: int | None = None
+    max_concurrent_requests: int = 128
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_stop_sequences: int = 4
+    max_new_tokens_default: int = 1024
+    """max_new_tokens when a request gives none (TGI's default), capped by max_total_tokens."""
+    payload_limit: int = 2_000_000
+    """Largest request body in bytes; larger ones get 413."""
+    json_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("max_input_tokens must be < max_total_tokens")
+        if self.max_batch_prefill_tokens < self.max_input_tokens:
+            raise ValueError("max_batch_prefill_tokens must be >= max_input_tokens")
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
+        if self.waiting_served_ratio < 0.0:
+            raise ValueError("waiting_served_ratio must be >= 0")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")

@@ -1,0 +1,93 @@
+"""The waiting queue and its admission policy (TGI's `next_batch`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from textgen.router.allocator import BlockAllocator
+from textgen.router.request import Entry
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits on the batch that `next_batch` may form."""
+
+    min_size: int | None
+    """Return nothing unless at least this many requests can go (None: any number)."""
+    max_size: int | None
+    prefill_tokens: int
+    """Prompt tokens the prefill may compute."""
+    total_tokens: int | None
+    """KV tokens (prompt + max_new_tokens) the new requests may reserve; None: no limit."""
+
+
+class Queue:
+    def __init__(self, allocator: BlockAllocator) -> None:
+        self._allocator = allocator
+        self._entries: deque[Entry] = deque()
+        self._not_empty = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, entry: Entry) -> None:
+        entry.timings.queued = time.monotonic()
+        self._entries.append(entry)
+        self._not_empty.set()
+
+    async def wait(self) -> None:
+        """Return once the queue holds at least one entry."""
+        await self._not_empty.wait()
+
+    def next_batch(self, budget: Budget) -> list[Entry] | None:
+        """Take the longest prefix of the queue that fits the budget, allocating its blocks.
+
+        First come, first served: the head of the queue is never overtaken, so a
+        large request cannot be starved by a stream of small ones.
+        """
+        self._drop_cancelled()
+        batch: list[Entry] = []
+        prefill_tokens = total_tokens = 0
+        for entry in self._entries:
+            request = entry.request
+            if budget.max_size is not None and len(batch) >= budget.max_size:
+                break
+            if prefill_tokens + request.input_len > budget.prefill_tokens:
+                break
+            if budget.total_tokens is not None and (
+                total_tokens + request.max_total_tokens > budget.total_tokens
+            ):
+                break
+            if not self._allocator.can_allocate(request.max_total_tokens):
+                break
+            entry.allocation = self._allocator.allocate(request.max_total_tokens)
+            prefill_tokens += request.input_len
+            total_tokens += request.max_total_tokens
+            batch.append(entry)
+        if not batch or (budget.min_size is not None and len(batch) < budget.min_size):
+            self._release(batch)
+            return None
+        for _ in batch:
+            self._entries.popleft()
+        self._update_event()
+        return batch
+
+    def _release(self, batch: list[Entry]) -> None:
+        for entry in batch:
+            if entry.allocation is not None:
+                self._allocator.free(entry.allocation)
+                entry.allocation = None
+
+    def _drop_cancelled(self) -> None:
+        if any(entry.cancelled for entry in self._entries):
+            self._entries = deque(e for e in self._entries if not e.cancelled)
+            self._update_event()
+
+    def _update_event(self) -> None:
+        if self._entries:
+            self._not_empty.set()
+        else:
+            self._not_empty.clear()

@@ -1,0 +1,191 @@
+"""A generation request: its validated parameters and its state while in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from textgen.router.allocator import BlockAllocation
+from textgen.router.detokenizer import IncrementalDetokenizer, Tokenizer
+from textgen.router.errors import RouterError
+from textgen.router.stop import StopSequenceMatcher
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos_token: bool = False
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request that passed validation: tokenized, with every default filled in."""
+
+    inputs: str
+    input_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    details: bool = True
+    decoder_input_details: bool = False
+    top_n_tokens: int = 0
+    seed_was_given: bool = False
+
+    @property
+    def input_len(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """KV tokens the request can occupy (the last sampled token is never fed back)."""
+        return self.input_len + self.stopping.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What the last stream event of a request carries."""
+
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: tuple[Token, ...]
+    input_length: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    token: Token
+    top_tokens: tuple[Token, ...]
+    ending: Ending | None = None
+
+
+@dataclass
+class Timings:
+    received: float = field(default_factory=time.monotonic)
+    queued: float = 0.0
+    batched: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+
+
+@dataclass
+class TokenizerInfo:
+    """What entries need of the tokenizer, resolved once at start-up."""
+
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]
+    special_token_ids: frozenset[int]
+
+    def token(self, token_id: int, text: str, logprob: float) -> Token:
+        return Token(token_id, text, logprob, token_id in self.special_token_ids)
+
+
+class Entry:
+    """One request from validation to its last token.
+
+    The scheduler feeds it tokens; the HTTP handler reads `events`. An entry
+    is finished once it has an ending or an error; `cancelled` is set by the
+    handler when the client goes away and is read by the scheduler.
+    """
+
+    def __init__(self, request_id: int, request: ValidRequest, info: TokenizerInfo) -> None:
+        self.id = request_id
+        self.request = request
+        self.info = info
+        self.events: asyncio.Queue[StreamEvent | RouterError] = asyncio.Queue()
+        self.allocation: BlockAllocation | None = None
+        self.timings = Timings()
+        self.cancelled = False
+        self.finished = False
+        self.num_generated = 0
+        self._text_parts: list[str] = []
+        self._detokenizer = IncrementalDetokenizer(info.tokenizer, list(request.input_ids))
+        self._stop = StopSequenceMatcher(request.stopping.stop_sequences)
+        self._prefill: tuple[Token, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled
+
+    def set_prefill(self, ids: list[int], logprobs: list[float]) -> None:
+        decode = self.info.tokenizer.decode
+        self._prefill = tuple(
+            self.info.token(i, decode([i], skip_special_tokens=False), lp)
+            for i, lp in zip(ids, logprobs, strict=True)
+        )
+
+    def add_token(self, token_id: int, logprob: float, top: tuple[Token, ...]) -> StreamEvent:
+        """Record one generated token and queue its stream event."""
+        now = time.monotonic()
+        if self.num_generated == 0:
+            self.timings.first_token = now
+        self.num_generated += 1
+        token = self.info.token(token_id, self._detokenizer.step(token_id), logprob)
+        if not token.special:
+            self._text_parts.append(token.text)
+        finish_reason = self._finish_reason(token)
+        ending = None
+        if finish_reason is not None:
+            self.finished = True
+            self.timings.finished = now
+            ending = self._ending(finish_reason)
+        event = StreamEvent(token, top, ending)
+        self.events.put_nowait(event)
+        return event
+
+    def cancel(self) -> None:
+        """The client went away: the scheduler drops the request at its next step."""
+        if not self.done:
+            self.cancelled = True
+            self.events.put_nowait(RouterError("client disconnected"))
+
+    def fail(self, error: RouterError) -> None:
+        if not self.finished:
+            self.finished = True
+            self.events.put_nowait(error)
+
+    def _finish_reason(self, token: Token) -> FinishReason | None:
+        stopping = self.request.stopping
+        if token.id in self.info.eos_token_ids and not stopping.ignore_eos_token:
+            return "eos_token"
+        if self._stop.feed(token.text) is not None:
+            return "stop_sequence"
+        if self.num_generated >= stopping.max_new_tokens:
+            return "length"
+        return None
+
+    def _ending(self, finish_reason: FinishReason) -> Ending:
+        sampling = self.request.sampling
+        return Ending(
+            generated_text="".join(self._text_parts),
+            finish_reason=finish_reason,
+            generated_tokens=self.num_generated,
+            seed=sampling.seed if sampling.do_sample else None,
+            prefill=self._prefill,
+            input_length=self.request.input_len,
+        )

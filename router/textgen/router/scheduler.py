@@ -1,0 +1,237 @@
+"""Continuous batching: the loop that drives the shards.
+
+Design note. One batch runs on the shards at a time. Between two decode steps
+the loop asks the queue for newcomers; if any fit (TGI's policy, below) it
+prefills them as a second batch and the next decode step runs both batches
+concatenated, so a request joins the running batch instead of waiting for it
+to drain. After every step each generated token goes to its request's entry,
+which decides whether it is finished (EOS, stop sequence, length); finished
+and cancelled requests leave the batch through FilterBatch before the next
+step, and their KV blocks return to the allocator at once.
+
+Admission (TGI's `waiting_served_ratio` / `max_waiting_tokens`): while a
+batch runs, newcomers are prefilled only when there are at least
+`batch_size * waiting_served_ratio` of them, or when they have waited
+`max_waiting_tokens` decode steps, whichever comes first, within the prefill
+token budget and the KV budget. Prefill pauses the running decodes, so this
+trades their latency against the newcomers' time to first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from textgen.proto import generate_pb2 as pb
+from textgen.router.allocator import BlockAllocator
+from textgen.router.client import ShardClient, StepResult
+from textgen.router.errors import GenerationError
+from textgen.router.queue import Budget, Queue
+from textgen.router.request import Entry, Token
+
+logger = logging.getLogger("textgen.router.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int | None
+    max_batch_size: int | None
+    waiting_served_ratio: float
+    max_waiting_tokens: int
+
+
+@dataclass
+class RunningBatch:
+    """A batch cached on the shards and the entries of its requests, in the same set."""
+
+    cached: pb.CachedBatch
+    entries: dict[int, Entry]
+
+    @property
+    def max_tokens(self) -> int:
+        return sum(entry.request.max_total_tokens for entry in self.entries.values())
+
+
+class Scheduler:
+    def __init__(
+        self,
+        client: ShardClient,
+        queue: Queue,
+        allocator: BlockAllocator,
+        config: SchedulerConfig,
+    ) -> None:
+        self._client = client
+        self._queue = queue
+        self._allocator = allocator
+        self._config = config
+        self._batch_ids = itertools.count()
+        self.last_step_ok = 0.0
+        """Monotonic time of the last step that succeeded (read by /health)."""
+        self.num_running = 0
+
+    async def run(self) -> None:
+        while True:
+            await self._queue.wait()
+            entries = self._queue.next_batch(self._budget(None, 0))
+            if entries is None:
+                # Only cancelled entries were waiting; the queue is empty again.
+                await asyncio.sleep(0.01)
+                continue
+            await self._run_until_empty(await self._prefill(entries))
+
+    async def _run_until_empty(self, running: RunningBatch | None) -> None:
+        waiting_steps = 0
+        while running is not None:
+            self.num_running = len(running.entries)
+            batches = [running]
+            newcomers = self._queue.next_batch(self._budget(running, waiting_steps))
+            if newcomers is not None:
+                waiting_steps = 0
+                joined = await self._prefill(newcomers)
+                if joined is not None:
+                    batches.append(joined)
+            running = await self._decode(batches)
+            waiting_steps += 1
+        self.num_running = 0
+
+    def _budget(self, running: RunningBatch | None, waiting_steps: int) -> Budget:
+        config = self._config
+        total = config.max_batch_total_tokens
+        if running is None:
+            return Budget(None, config.max_batch_size, config.max_batch_prefill_tokens, total)
+        size = len(running.entries)
+        min_size = None
+        if waiting_steps < config.max_waiting_tokens:
+            min_size = int(size * config.waiting_served_ratio)
+        max_size = None if config.max_batch_size is None else config.max_batch_size - size
+        if total is not None:
+            total -= running.max_tokens
+        return Budget(min_size, max_size, config.max_batch_prefill_tokens, total)
+
+    async def _prefill(self, entries: list[Entry]) -> RunningBatch | None:
+        now = time.monotonic()
+        for entry in entries:
+            entry.timings.batched = now
+        batch = pb.Batch(
+            id=next(self._batch_ids),
+            requests=[_to_proto(entry) for entry in entries],
+            size=len(entries),
+            max_tokens=sum(entry.request.max_total_tokens for entry in entries),
+        )
+        running = {entry.id: entry for entry in entries}
+        try:
+            result = await self._client.prefill(batch)
+        except grpc.aio.AioRpcError as error:
+            await self._fail(list(running.values()), [batch.id], error)
+            return None
+        return await self._advance(running, result)
+
+    async def _decode(self, batches: list[RunningBatch]) -> RunningBatch | None:
+        live = [b for b in [await self._drop_done(batch) for batch in batches] if b is not None]
+        if not live:
+            return None
+        entries = {i: e for batch in live for i, e in batch.entries.items()}
+        try:
+            result = await self._client.decode([batch.cached for batch in live])
+        except grpc.aio.AioRpcError as error:
+            await self._fail(list(entries.values()), [b.cached.id for b in live], error)
+            return None
+        return await self._advance(entries, result)
+
+    async def _advance(self, entries: dict[int, Entry], result: StepResult) -> RunningBatch | None:
+        self.last_step_ok = time.monotonic()
+        for generation in result.generations:
+            entry = entries[generation.request_id]
+            if not entry.done:
+                _deliver(entry, generation)
+        if result.batch is None:
+            return None
+        return await self._drop_done(RunningBatch(result.batch, entries))
+
+    async def _drop_done(self, running: RunningBatch) -> RunningBatch | None:
+        """Free finished and cancelled requests and filter them out of the shards' batch."""
+        done = [entry for entry in running.entries.values() if entry.done]
+        if not done:
+            return running
+        for entry in done:
+            self._release(entry)
+            del running.entries[entry.id]
+        try:
+            cached = await self._client.filter_batch(running.cached.id, list(running.entries))
+        except grpc.aio.AioRpcError as error:
+            await self._fail(list(running.entries.values()), [running.cached.id], error)
+            return None
+        if cached is None or not running.entries:
+            return None
+        return RunningBatch(cached, running.entries)
+
+    async def _fail(self, entries: list[Entry], batch_ids: list[int], error: grpc.RpcError) -> None:
+        message = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+        logger.error("step failed for %d request(s): %s", len(entries), message)
+        for entry in entries:
+            entry.fail(GenerationError(f"Request failed during generation: {message}"))
+            self._release(entry)
+        for batch_id in batch_ids:
+            try:
+                await self._client.clear_cache(batch_id)
+            except grpc.aio.AioRpcError as clear_error:
+                logger.error("clearing batch %d failed: %s", batch_id, clear_error.details())
+
+    def _release(self, entry: Entry) -> None:
+        if entry.allocation is not None:
+            self._allocator.free(entry.allocation)
+            entry.allocation = None
+
+
+def _to_proto(entry: Entry) -> pb.Request:
+    request = entry.request
+    sampling = request.sampling
+    assert entry.allocation is not None, "the queue allocates blocks before batching"
+    return pb.Request(
+        id=entry.id,
+        input_ids=request.input_ids,
+        parameters=pb.SamplingParameters(
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            typical_p=sampling.typical_p,
+            do_sample=sampling.do_sample,
+            seed=sampling.seed,
+            repetition_penalty=sampling.repetition_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+        ),
+        top_n_tokens=request.top_n_tokens,
+        blocks=entry.allocation.blocks,
+        slots=entry.allocation.slots(request.input_len),
+        prefill_logprobs=request.decoder_input_details,
+        max_new_tokens=request.stopping.max_new_tokens,
+    )
+
+
+def _deliver(entry: Entry, generation: pb.Generation) -> None:
+    if entry.request.decoder_input_details and generation.HasField("prefill_tokens"):
+        prefill = generation.prefill_tokens
+        entry.set_prefill(list(prefill.ids), list(prefill.logprobs))
+    tokens = generation.tokens
+    for index, (token_id, logprob) in enumerate(zip(tokens.ids, tokens.logprobs, strict=True)):
+        top: tuple[Token, ...] = ()
+        if index < len(generation.top_tokens):
+            top = _top_tokens(entry, generation.top_tokens[index])
+        entry.add_token(token_id, logprob, top)
+        if entry.done:
+            break
+
+
+def _top_tokens(entry: Entry, tokens: pb.Tokens) -> tuple[Token, ...]:
+    info = entry.info
+    decode = info.tokenizer.decode
+    return tuple(
+        info.token(i, decode([i], skip_special_tokens=False), lp)
+        for i, lp in zip(tokens.ids, tokens.logprobs, strict=True)
+    )
