@@ -1,0 +1,157 @@
+"""The HTTP surface against the fake shard: TGI's shapes, status codes and error bodies."""
+
+import asyncio
+import contextlib
+import json
+
+import httpx
+import pytest
+from router_fakes import CharTokenizer, FakeShard, tokenizer_info
+
+from textgen.router.allocator import BlockAllocator
+from textgen.router.http.app import RouterState, build_app
+from textgen.router.infer import Infer
+from textgen.router.queue import Queue
+from textgen.router.scheduler import Scheduler, SchedulerConfig
+from textgen.router.validation import Validation, ValidationLimits
+
+REPLIES = {"H": "Hello world", "S": "one two three four", "L": "x" * 200}
+
+
+@contextlib.asynccontextmanager
+async def router(max_concurrent_requests: int = 8, payload_limit: int = 10_000):
+    shard = FakeShard(REPLIES)
+    allocator = BlockAllocator(num_blocks=256, block_size=4)
+    queue = Queue(allocator)
+    scheduler = Scheduler(shard, queue, allocator, SchedulerConfig(256, None, None, 0.3, 20))
+    validation = Validation(
+        CharTokenizer().encode,
+        ValidationLimits(max_input_tokens=32, max_total_tokens=64, max_stop_sequences=2),
+    )
+    infer = Infer(validation, queue, tokenizer_info(), max_concurrent_requests)
+    state = RouterState(infer, scheduler, shard, {"model_id": "fake"}, payload_limit)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        app.state.router = state
+        task = asyncio.create_task(scheduler.run())
+        yield
+        task.cancel()
+
+    app = build_app(lifespan)
+    async with lifespan(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client, state, allocator
+
+
+async def test_generate_returns_text_and_details():
+    async with router() as (client, _, allocator):
+        body = {"inputs": "Hi", "parameters": {"max_new_tokens": 5, "details": True}}
+        response = await client.post("/generate", json=body)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["generated_text"] == "Hello"
+    details = data["details"]
+    assert details["finish_reason"] == "length"
+    assert details["generated_tokens"] == 5
+    assert details["seed"] is None
+    assert [t["text"] for t in details["tokens"]] == list("Hello")
+    assert set(details["tokens"][0]) == {"id", "text", "logprob", "special"}
+    assert response.headers["x-generated-tokens"] == "5"
+    assert allocator.num_used_blocks == 0
+
+
+async def test_generate_without_details_has_only_the_text():
+    async with router() as (client, _, _):
+        response = await client.post("/generate", json={"inputs": "Hi"})
+    assert response.json() == {"generated_text": "Hello world"}
+
+
+async def test_stream_events_follow_tgi():
+    async with router() as (client, _, _):
+        body = {"inputs": "Sx", "parameters": {"stop": ["two"], "details": True}}
+        response = await client.post("/generate_stream", json=body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[5:]) for line in response.text.splitlines() if line]
+    assert [e["index"] for e in events] == list(range(1, len(events) + 1))
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert "".join(e["token"]["text"] for e in events) == "one two"
+    last = events[-1]
+    assert last["generated_text"] == "one two"
+    assert last["details"] == {
+        "finish_reason": "stop_sequence",
+        "generated_tokens": 7,
+        "seed": None,
+        "input_length": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"inputs": ""}, "`inputs` cannot be empty"),
+        ({"parameters": {}}, "`inputs` must be a string"),
+        ({"inputs": "Hi", "parameters": {"temperature": 0}}, "`temperature` must be strictly"),
+        ({"inputs": "Hi", "parameters": {"top_p": 1.0}}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"inputs": "Hi", "parameters": {"top_k": 0}}, "`top_k` must be strictly positive"),
+        ({"inputs": "Hi", "parameters": {"max_new_tokens": 0}}, "`max_new_tokens` must be"),
+        ({"inputs": "Hi", "parameters": {"max_new_tokens": "5"}}, "must be of type integer"),
+        ({"inputs": "Hi", "parameters": {"stop": ["a", "b", "c"]}}, "up to 2 stop sequences"),
+        ({"inputs": "x" * 40}, "must have less than 32 tokens"),
+        ({"inputs": "Hi", "parameters": {"max_new_tokens": 63}}, "must be <= 64"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+async def test_bad_input_gets_422_and_the_server_keeps_serving(body, message):
+    async with router() as (client, _, _):
+        response = await client.post("/generate", json=body)
+        assert response.status_code == 422
+        assert response.json()["error_type"] == "validation"
+        assert message in response.json()["error"]
+        stream = await client.post("/generate_stream", json=body)
+        assert stream.status_code == 422
+        ok = await client.post("/generate", json={"inputs": "Hi"})
+        assert ok.status_code == 200
+
+
+async def test_malformed_json_is_422():
+    async with router() as (client, _, _):
+        response = await client.post("/generate", content=b"{not json")
+    assert response.status_code == 422
+    assert response.json()["error_type"] == "validation"
+
+
+async def test_payload_over_the_limit_is_413():
+    async with router(payload_limit=100) as (client, _, _):
+        response = await client.post("/generate", json={"inputs": "x" * 200})
+    assert response.status_code == 413
+
+
+async def test_over_max_concurrent_requests_is_429():
+    async with router(max_concurrent_requests=1) as (client, state, _):
+        state.infer.num_in_flight = 1  # one request already admitted
+        response = await client.post("/generate", json={"inputs": "Hi"})
+        assert response.status_code == 429
+        assert response.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        state.infer.num_in_flight = 0
+        assert (await client.post("/generate", json={"inputs": "Hi"})).status_code == 200
+
+
+async def test_sampling_reports_its_seed():
+    async with router() as (client, _, _):
+        body = {"inputs": "Hi", "parameters": {"do_sample": True, "seed": 7, "details": True}}
+        response = await client.post("/generate", json=body)
+    assert response.json()["details"]["seed"] == 7
+
+
+async def test_info_and_health():
+    async with router() as (client, state, _):
+        assert (await client.get("/info")).json()["model_id"] == "fake"
+        state.scheduler.last_step_ok = 0.0
+        state.client.health = _healthy
+        assert (await client.get("/health")).status_code == 200
+
+
+async def _healthy() -> None:
+    return None
