@@ -11,6 +11,7 @@ from router_fakes import CharTokenizer, FakeShard, tokenizer_info
 from textgen.router.allocator import BlockAllocator
 from textgen.router.http.app import RouterState, build_app
 from textgen.router.infer import Infer
+from textgen.router.metrics import make_registry
 from textgen.router.queue import Queue
 from textgen.router.scheduler import Scheduler, SchedulerConfig
 from textgen.router.validation import Validation, ValidationLimits
@@ -29,7 +30,8 @@ async def router(max_concurrent_requests: int = 8, payload_limit: int = 10_000):
         ValidationLimits(max_input_tokens=32, max_total_tokens=64, max_stop_sequences=2),
     )
     infer = Infer(validation, queue, tokenizer_info(), max_concurrent_requests)
-    state = RouterState(infer, scheduler, shard, {"model_id": "fake"}, payload_limit)
+    registry = make_registry(queue, scheduler, allocator)
+    state = RouterState(infer, scheduler, shard, {"model_id": "fake"}, payload_limit, registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -155,3 +157,17 @@ async def test_info_and_health():
 
 async def _healthy() -> None:
     return None
+
+
+async def test_metrics_page_reports_live_kv_use():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with router() as (client, _, allocator):
+        await client.post("/generate", json={"inputs": "Hi"})
+        allocation = allocator.allocate(10)  # as if a request held 3 blocks
+        page = (await client.get("/metrics")).text
+        allocator.free(allocation)
+    values = {m.name: m.samples[0].value for m in text_string_to_metric_families(page)}
+    assert values["textgen_kv_blocks_used"] == 3
+    assert values["textgen_kv_blocks_free"] == 255 - 3
+    assert values["tgi_queue_size"] == 0

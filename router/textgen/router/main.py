@@ -23,6 +23,7 @@ from textgen.router.client import ShardClient
 from textgen.router.config import RouterConfig
 from textgen.router.http.app import RouterState, build_app
 from textgen.router.infer import Infer
+from textgen.router.metrics import make_registry
 from textgen.router.queue import Queue
 from textgen.router.request import TokenizerInfo
 from textgen.router.scheduler import Scheduler, SchedulerConfig
@@ -113,7 +114,8 @@ async def start(config: RouterConfig) -> RouterState:
     )
     infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests)
     info = _info(config, shard_info, max_batch_total_tokens)
-    return RouterState(infer, scheduler, client, info, config.payload_limit)
+    registry = make_registry(queue, scheduler, allocator)
+    return RouterState(infer, scheduler, client, info, config.payload_limit, registry)
 
 
 def _max_batch_total_tokens(config: RouterConfig, allocator: BlockAllocator) -> int:

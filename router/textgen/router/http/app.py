@@ -11,15 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from textgen.router.client import ShardClient
 from textgen.router.errors import PayloadTooLargeError, RouterError, UnhealthyError, ValidationError
 from textgen.router.http.responses import generate_json, sse, stream_json
 from textgen.router.infer import Infer
+from textgen.router.metrics import render
 from textgen.router.request import Entry
 from textgen.router.scheduler import Scheduler
 
@@ -37,6 +40,7 @@ class RouterState:
     client: ShardClient
     info: dict[str, Any]
     payload_limit: int
+    registry: CollectorRegistry | None = None
 
 
 def error_response(error: RouterError) -> JSONResponse:
@@ -91,14 +95,36 @@ async def generate_stream(request: Request) -> Response:
         entry = await state.infer.submit(body)
     except RouterError as error:
         return error_response(error)
-    return StreamingResponse(
-        _stream(state.infer, entry),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(state.infer, entry)
 
 
-async def _stream(infer: Infer, entry: Entry) -> AsyncIterator[bytes]:
+class EventStream(StreamingResponse):
+    """A request's SSE stream; the request is finished however the stream ends.
+
+    A client that goes away is noticed when the next event cannot be written (or
+    through `http.disconnect`); either way `finish` cancels the request, so the
+    scheduler drops it at its next step and frees its blocks.
+    """
+
+    def __init__(self, infer: Infer, entry: Entry) -> None:
+        super().__init__(
+            _events(infer, entry),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._infer = infer
+        self._entry = entry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            pass
+        finally:
+            self._infer.finish(self._entry)
+
+
+async def _events(infer: Infer, entry: Entry) -> AsyncIterator[bytes]:
     details = entry.request.details
     index = 0
     try:
@@ -107,9 +133,6 @@ async def _stream(infer: Infer, entry: Entry) -> AsyncIterator[bytes]:
             yield sse(stream_json(event, index, details))
     except RouterError as error:
         yield sse(error.body())
-    finally:
-        # NOTE: also reached when the client disconnects (the response task is cancelled).
-        infer.finish(entry)
 
 
 async def _cancel_on_disconnect(request: Request, entry: Entry) -> None:
@@ -150,6 +173,12 @@ async def info(request: Request) -> Response:
     return JSONResponse(_state(request).info)
 
 
+async def metrics(request: Request) -> Response:
+    registry = _state(request).registry
+    body = b"" if registry is None else render(registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 def build_app(
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
 ) -> Starlette:
@@ -158,5 +187,6 @@ def build_app(
         Route("/generate_stream", generate_stream, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,45 @@
+"""Prometheus metrics (a first slice: live gauges read at scrape time, so they cost nothing
+per token). Names follow TGI's where TGI has the metric."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from textgen.router.allocator import BlockAllocator
+from textgen.router.queue import Queue
+from textgen.router.scheduler import Scheduler
+
+
+class LiveStateCollector(Collector):
+    def __init__(self, queue: Queue, scheduler: Scheduler, allocator: BlockAllocator) -> None:
+        self._queue = queue
+        self._scheduler = scheduler
+        self._allocator = allocator
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("tgi_queue_size", "Requests waiting", value=len(self._queue))
+        yield GaugeMetricFamily(
+            "tgi_batch_current_size", "Requests in the running batch", self._scheduler.num_running
+        )
+        yield GaugeMetricFamily(
+            "textgen_kv_blocks_used", "KV blocks held by requests", self._allocator.num_used_blocks
+        )
+        yield GaugeMetricFamily(
+            "textgen_kv_blocks_free", "KV blocks free", self._allocator.num_free_blocks
+        )
+
+
+def make_registry(
+    queue: Queue, scheduler: Scheduler, allocator: BlockAllocator
+) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(LiveStateCollector(queue, scheduler, allocator))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
