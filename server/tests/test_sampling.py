@@ -1,0 +1,116 @@
+"""The logits pipeline and the seeded draw, on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from textgen.proto import generate_pb2
+from textgen.server.sampling import (
+    SamplingParams,
+    SamplingRequest,
+    apply_frequency_presence_penalties,
+    apply_repetition_penalty,
+    sample,
+    warp,
+)
+
+
+def request(params: SamplingParams, token_ids=(0,), prompt_len=1, top_n=0) -> SamplingRequest:
+    return SamplingRequest(params, params.make_generator(), list(token_ids), prompt_len, top_n)
+
+
+def test_proto_zeros_mean_neutral():
+    params = SamplingParams.from_proto(generate_pb2.SamplingParameters())
+    assert params == SamplingParams()
+
+
+def test_invalid_params_are_rejected():
+    with pytest.raises(ValueError):
+        SamplingParams.from_proto(generate_pb2.SamplingParameters(top_p=1.5))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 3.0]])
+    req = request(SamplingParams(repetition_penalty=2.0), token_ids=[0, 1, 1], prompt_len=2)
+    out = apply_repetition_penalty(logits, [req])
+    assert out.tolist() == [[1.0, -4.0, 1.0, 3.0]]
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only():
+    logits = torch.zeros(1, 4)
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    # Prompt [3]; generated [2, 2, 1].
+    req = request(params, token_ids=[3, 2, 2, 1], prompt_len=1)
+    out = apply_frequency_presence_penalties(logits, [req])
+    assert out.tolist() == [[0.0, -0.75, -1.25, 0.0]]
+
+
+def test_neutral_penalties_leave_logits_untouched():
+    logits = torch.randn(2, 8)
+    reqs = [request(SamplingParams(), token_ids=[1, 2, 3]) for _ in range(2)]
+    assert torch.equal(apply_repetition_penalty(logits, reqs), logits)
+    assert torch.equal(apply_frequency_presence_penalties(logits, reqs), logits)
+
+
+def test_greedy_picks_argmax_and_logprob_uses_temperature():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    out = sample(logits, [request(SamplingParams(temperature=2.0), top_n=2)])
+    assert out.next_ids == [1]
+    expected = torch.log_softmax(logits / 2.0, dim=-1)
+    assert out.logprobs[0] == pytest.approx(expected[0, 1].item())
+    assert out.top_ids == [[1, 2]]
+    assert out.top_logprobs[0] == pytest.approx(expected[0, [1, 2]].tolist())
+
+
+def test_top_k_one_equals_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    greedy = sample(logits, [request(SamplingParams()) for _ in range(4)])
+    sampled = sample(
+        logits, [request(SamplingParams(do_sample=True, top_k=1, seed=s)) for s in range(4)]
+    )
+    assert sampled.next_ids == greedy.next_ids
+
+
+def test_seeded_sampling_is_independent_of_batch_neighbours():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    params = SamplingParams(do_sample=True, seed=1234, temperature=0.8, top_p=0.95)
+    alone_req = request(params)
+    alone = [sample(logits[1:2], [alone_req]).next_ids[0] for _ in range(20)]
+    neighbours = [
+        request(SamplingParams(do_sample=True, seed=7, top_k=5)),
+        request(params),
+        request(SamplingParams(do_sample=True, seed=99, typical_p=0.5)),
+    ]
+    batched = [sample(logits, neighbours).next_ids[1] for _ in range(20)]
+    assert alone == batched
+    assert len(set(alone)) > 1  # it really sampled
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = warp(logits, [SamplingParams(do_sample=True, top_p=0.7)])
+    assert torch.isinf(out).tolist() == [[False, False, True, True]]
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = warp(logits, [SamplingParams(do_sample=True, min_p=0.4)])
+    assert torch.isinf(out).tolist() == [[False, False, True, True]]
+
+
+def test_top_k_applies_per_row():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
+    params = [SamplingParams(do_sample=True, top_k=2), SamplingParams(do_sample=True)]
+    out = warp(logits, params)
+    assert torch.isinf(out).tolist() == [[False, False, True, True], [False] * 4]
+
+
+def test_typical_p_keeps_at_least_one_token():
+    logits = torch.tensor([[10.0, 0.0, 0.0, 0.0]])
+    out = warp(logits, [SamplingParams(do_sample=True, typical_p=0.01)])
+    assert not math.isinf(out.max().item())

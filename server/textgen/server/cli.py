@@ -1,0 +1,67 @@
+"""`textgen-server serve MODEL_DIR ...`: the shard process' command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from textgen.server.config import DTYPES, ServerConfig
+from textgen.server.server import serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textgen-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("serve", help="serve one model shard over gRPC")
+    default = ServerConfig.default
+    cmd.add_argument("model_dir", type=Path, help="safetensors model directory")
+    cmd.add_argument("--uds-path", default=default("uds_path"), help="socket prefix: PATH-RANK")
+    cmd.add_argument("--rank", type=int, default=default("rank"))
+    cmd.add_argument("--world-size", type=int, default=default("world_size"))
+    cmd.add_argument("--dtype", choices=sorted(DTYPES), default=default("dtype"))
+    cmd.add_argument(
+        "--kv-cache-memory-gib",
+        type=float,
+        default=default("kv_cache_memory_gib"),
+        help="KV cache budget of this shard",
+    )
+    cmd.add_argument("--block-size", type=int, default=default("block_size"))
+    cmd.add_argument("--master-addr", default=default("master_addr"))
+    cmd.add_argument("--master-port", type=int, default=default("master_port"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model_dir=args.model_dir,
+        uds_path=args.uds_path,
+        rank=args.rank,
+        world_size=args.world_size,
+        dtype=args.dtype,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        block_size=args.block_size,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        build_parser().error(str(e))
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s shard {config.rank} %(name)s: %(message)s",
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The shard's start-up configuration: one frozen dataclass, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `textgen-server serve` is started with; the CLI defaults come from here."""
+
+    model_dir: Path
+    uds_path: str = "/tmp/textgen-server"
+    rank: int = 0
+    world_size: int = 1
+    dtype: str = "float32"
+    kv_cache_memory_gib: float = 1.0
+    block_size: int = 16
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError("kv_cache_memory_gib must be positive")
+        if self.block_size < 1:
+            raise ValueError("block_size must be at least 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def socket_path(self) -> str:
+        """This shard's unix socket file."""
+        return shard_socket_path(self.uds_path, self.rank)
+
+    @property
+    def kv_cache_memory_bytes(self) -> int:
+        return int(self.kv_cache_memory_gib * 2**30)
+
+    def shard_urls(self) -> list[str]:
+        """The gRPC address of every shard of the group, ordered by rank."""
+        return [f"unix://{shard_socket_path(self.uds_path, r)}" for r in range(self.world_size)]
+
+    @classmethod
+    def default(cls, name: str) -> object:
+        """The default of one field, so argparse does not restate it."""
+        return next(f.default for f in fields(cls) if f.name == name)
+
+
+def shard_socket_path(uds_path: str, rank: int) -> str:
+    return f"{uds_path}-{rank}"

@@ -1,0 +1,55 @@
+"""Vocabulary-parallel token embedding and LM head.
+
+Each rank holds a contiguous range of vocabulary rows. The embedding looks up
+the ids in its range, zeroes the others and all-reduces; the head computes the
+logits of its range and all-gathers them into the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from textgen.server.distributed import ParallelGroup
+from textgen.server.weights import Weights
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, group: ParallelGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [V_local, hidden]
+        self.group = group
+        self.vocab_start = group.rank * weight.shape[0]
+
+    @classmethod
+    def load(cls, weights: Weights, prefix: str) -> VocabParallelEmbedding:
+        return cls(weights.get_sharded(f"{prefix}.weight", dim=0), weights.group)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.group.world_size == 1:
+            return nn.functional.embedding(input_ids, self.weight)  # [T, hidden]
+        local_ids = input_ids - self.vocab_start  # [T]
+        outside = (local_ids < 0) | (local_ids >= self.weight.shape[0])
+        hidden = nn.functional.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        hidden = hidden.masked_fill(outside.unsqueeze(-1), 0.0)  # [T, hidden]
+        return self.group.all_reduce(hidden)
+
+
+class ParallelLMHead(nn.Module):
+    def __init__(self, weight: torch.Tensor, group: ParallelGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [V_local, hidden]
+        self.group = group
+
+    @classmethod
+    def load(
+        cls, weights: Weights, prefix: str, embedding: VocabParallelEmbedding, tied: bool
+    ) -> ParallelLMHead:
+        """Share the embedding's slice when the checkpoint ties the two."""
+        if tied or not weights.has(f"{prefix}.weight"):
+            return cls(embedding.weight.data, weights.group)
+        return cls(weights.get_sharded(f"{prefix}.weight", dim=0), weights.group)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(hidden, self.weight)  # [N, V_local]
+        return self.group.all_gather(logits, dim=-1)  # [N, V]

@@ -1,0 +1,189 @@
+"""Llama-family decoder (Llama 2/3, SmolLM) over the paged KV cache.
+
+q/k/v and gate/up are each one column-parallel projection loaded from the
+separate HF tensors; o and down are row-parallel, so a layer costs two
+all-reduces under tensor parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from textgen.server.attention import AttentionBackend, AttentionMetadata
+from textgen.server.kv_cache import KVCache, KVCacheSpec, LayerCache
+from textgen.server.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from textgen.server.layers.rotary import RopeConfig
+from textgen.server.models.causal_lm import CausalLM
+from textgen.server.weights import Weights
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Head counts local to this shard, checked against the world size once."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf(cls, config, world_size: int) -> LlamaShape:
+        head_dim = getattr(config, "head_dim", None)
+        head_dim = head_dim or config.hidden_size // config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        for name, count in (("attention", config.num_attention_heads), ("KV", num_kv_heads)):
+            if count % world_size != 0:
+                raise ValueError(f"{count} {name} heads do not split over {world_size} shards")
+        return cls(config.num_attention_heads // world_size, num_kv_heads // world_size, head_dim)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config,
+        weights: Weights,
+        prefix: str,
+        shape: LlamaShape,
+        rotary: RotaryEmbedding,
+        attention: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        bias = getattr(config, "attention_bias", False)
+        qkv = [f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")]
+        self.qkv_proj = ColumnParallelLinear.load(weights, qkv, bias=bias)
+        self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", bias=bias)
+        self.shape = shape
+        self.rotary = rotary
+        self.attention = attention
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LayerCache,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        shape, num_tokens = self.shape, hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([shape.q_size, shape.kv_size, shape.kv_size], dim=-1)
+        q = q.view(num_tokens, shape.num_heads, shape.head_dim)  # [T, Hq, D]
+        k = k.view(num_tokens, shape.num_kv_heads, shape.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, shape.num_kv_heads, shape.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attention.forward(q, k, v, cache, metadata)  # [T, Hq, D]
+        return self.o_proj(out.reshape(num_tokens, shape.q_size))  # [T, hidden]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, weights: Weights, prefix: str) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        gate_up = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up_proj = ColumnParallelLinear.load(weights, gate_up, bias=bias)
+        self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", bias=bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)  # [T, I_local] each
+        return self.down_proj(self.act(gate) * up)  # [T, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config,
+        weights: Weights,
+        prefix: str,
+        shape: LlamaShape,
+        rotary: RotaryEmbedding,
+        attention: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm", eps)
+        self.self_attn = LlamaAttention(
+            config, weights, f"{prefix}.self_attn", shape, rotary, attention
+        )
+        self.post_attention_layernorm = RMSNorm.load(
+            weights, f"{prefix}.post_attention_layernorm", eps
+        )
+        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp")
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LayerCache,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(hidden), positions, cache, metadata)
+        hidden = hidden + attn
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))  # [T, hidden]
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(
+        self, config, weights: Weights, attention: AttentionBackend, prefix: str = "model"
+    ) -> None:
+        super().__init__()
+        self.shape = LlamaShape.from_hf(config, weights.group.world_size)
+        rotary = RotaryEmbedding(
+            RopeConfig.from_hf(config, self.shape.head_dim), weights.dtype, weights.device
+        )
+        self.embed_tokens = VocabParallelEmbedding.load(weights, f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(
+                config, weights, f"{prefix}.layers.{i}", self.shape, rotary, attention
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm.load(weights, f"{prefix}.norm", config.rms_norm_eps)
+        tied = getattr(config, "tie_word_embeddings", False)
+        self.lm_head = ParallelLMHead.load(weights, "lm_head", self.embed_tokens, tied)
+        self.cache_dtype = weights.dtype
+
+    @classmethod
+    def load(cls, config, weights: Weights, attention: AttentionBackend) -> LlamaForCausalLM:
+        return cls(config, weights, attention).eval()
+
+    def kv_cache_spec(self, block_size: int) -> KVCacheSpec:
+        return KVCacheSpec(
+            num_layers=len(self.layers),
+            num_kv_heads=self.shape.num_kv_heads,
+            head_dim=self.shape.head_dim,
+            block_size=block_size,
+            dtype=self.cache_dtype,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, positions, kv_cache.layer(i), metadata)
+        # NOTE: the norm is per token, so only the wanted rows need it and the head.
+        hidden = self.norm(hidden[logits_indices])  # [N, hidden]
+        return self.lm_head(hidden).float()  # [N, V]

@@ -1,0 +1,224 @@
+"""Logits processing and next-token choice for a batch of requests.
+
+Pipeline, in TGI's order, each stage skipped for requests at its neutral value:
+
+    repetition penalty (all tokens so far, HF semantics)
+    frequency / presence penalties (generated tokens, OpenAI semantics)
+    temperature                      <- chosen-token logprobs are taken here
+    top-k, top-p, typical-p, min-p   (only for do_sample requests)
+    greedy argmax | multinomial draw with the request's own generator
+
+Penalties and temperature are batched; the seeded draw loops over requests so
+that a seed reproduces its output whatever the batch neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from textgen.proto import generate_pb2
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    min_p: float = 0.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.repetition_penalty <= 0:
+            raise ValueError("temperature and repetition_penalty must be positive")
+        if not (0 < self.top_p <= 1 and 0 < self.typical_p <= 1 and 0 <= self.min_p <= 1):
+            raise ValueError("top_p and typical_p must be in (0, 1], min_p in [0, 1]")
+
+    @classmethod
+    def from_proto(cls, params: generate_pb2.SamplingParameters) -> SamplingParams:
+        """proto3 cannot tell 0 from unset: 0 means neutral (1.0) where 0 is not valid."""
+        return cls(
+            temperature=params.temperature or 1.0,
+            top_k=params.top_k,
+            top_p=params.top_p or 1.0,
+            typical_p=params.typical_p or 1.0,
+            min_p=params.min_p,
+            do_sample=params.do_sample,
+            seed=params.seed,
+            repetition_penalty=params.repetition_penalty or 1.0,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+        )
+
+    def make_generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What the sampler needs of one request at one step."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    token_ids: list[int]  # prompt + generated so far
+    prompt_len: int
+    top_n_tokens: int = 0
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+
+@dataclass(frozen=True)
+class SamplingOutput:
+    next_ids: list[int]
+    logprobs: list[float]  # of each chosen token, after penalties and temperature
+    top_ids: list[list[int]]  # top_n_tokens alternatives per request (may be empty)
+    top_logprobs: list[list[float]]
+
+
+def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOutput:
+    """Choose one token per request from its next-token logits [B, V] (float32)."""
+    params = [r.params for r in requests]
+    logits = apply_repetition_penalty(logits, requests)
+    logits = apply_frequency_presence_penalties(logits, requests)
+    logits = logits / _column(params, "temperature", logits)  # [B, V]
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    next_ids = _choose(logits, requests)  # [B]
+    chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
+    top_ids, top_logprobs = _top_tokens(logprobs, [r.top_n_tokens for r in requests])
+    return SamplingOutput(next_ids.tolist(), chosen.tolist(), top_ids, top_logprobs)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """HF/TGI: divide positive logits of seen tokens by the penalty, multiply negative ones."""
+    penalty = _column([r.params for r in requests], "repetition_penalty", logits)  # [B, 1]
+    if bool((penalty == 1.0).all()):
+        return logits
+    seen = _token_counts(logits, [r.token_ids for r in requests]) > 0  # [B, V]
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence_penalties(
+    logits: torch.Tensor, requests: list[SamplingRequest]
+) -> torch.Tensor:
+    """OpenAI: logit -= frequency * count + presence * (count > 0), over generated tokens."""
+    params = [r.params for r in requests]
+    frequency = _column(params, "frequency_penalty", logits)  # [B, 1]
+    presence = _column(params, "presence_penalty", logits)
+    if bool((frequency == 0).all() and (presence == 0).all()):
+        return logits
+    counts = _token_counts(logits, [r.generated_ids for r in requests])  # [B, V]
+    return logits - frequency * counts - presence * (counts > 0).float()
+
+
+def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask with -inf the tokens that top-k, top-p, typical-p and min-p remove. [B, V]"""
+    for is_active, stage in _WARPERS:
+        rows = [is_active(p) for p in params]
+        if any(rows):
+            logits = _where_rows(rows, stage(logits, params), logits)
+    return logits
+
+
+def _choose(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    next_ids = logits.argmax(dim=-1)  # [B]
+    sampled = [i for i, r in enumerate(requests) if r.params.do_sample]
+    if not sampled:
+        return next_ids
+    probs = torch.softmax(warp(logits[sampled], [requests[i].params for i in sampled]), -1)
+    for row, i in enumerate(sampled):
+        # NOTE: one draw per request from its own generator: batch-independent.
+        draw = torch.multinomial(probs[row], 1, generator=requests[i].generator)
+        next_ids[i] = draw[0]
+    return next_ids
+
+
+def _top_k(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab_size = logits.shape[-1]
+    k = torch.tensor([min(p.top_k, vocab_size) or vocab_size for p in params])  # [B]
+    sorted_logits = logits.sort(dim=-1, descending=True).values  # [B, V]
+    kth = sorted_logits.gather(1, (k - 1).unsqueeze(1).to(logits.device))  # [B, 1]
+    return logits.masked_fill(logits < kth, -float("inf"))
+
+
+def _top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """HF TopPLogitsWarper: drop the low tail whose mass is at most 1 - top_p."""
+    top_p = _column(params, "top_p", logits)  # [B, 1]
+    sorted_logits, order = logits.sort(dim=-1)  # ascending [B, V]
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= 1 - top_p
+    remove[:, -1] = False  # always keep the most likely token
+    return logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+def _typical_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """HF TypicalLogitsWarper: keep the tokens closest to the entropy, up to mass typical_p."""
+    mass = _column(params, "typical_p", logits)  # [B, 1]
+    log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)  # [B, 1]
+    shifted = (-log_probs - entropy).abs()
+    sorted_scores, order = shifted.sort(dim=-1)
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1).clamp(max=logits.shape[-1] - 1)  # [B]
+    remove = sorted_scores > sorted_scores.gather(1, last.unsqueeze(1))
+    remove[:, 0] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+def _min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """HF MinPLogitsWarper: drop tokens below min_p times the top probability."""
+    min_p = _column(params, "min_p", logits)  # [B, 1]
+    probs = logits.softmax(dim=-1)  # [B, V]
+    remove = probs < min_p * probs.max(dim=-1, keepdim=True).values
+    # The top token's probability is never below the threshold: at least one survives.
+    return logits.masked_fill(remove, -float("inf"))
+
+
+_WARPERS = (
+    (lambda p: p.top_k > 0, _top_k),
+    (lambda p: p.top_p < 1, _top_p),
+    (lambda p: p.typical_p < 1, _typical_p),
+    (lambda p: p.min_p > 0, _min_p),
+)
+
+
+def _top_tokens(
+    logprobs: torch.Tensor, counts: list[int]
+) -> tuple[list[list[int]], list[list[float]]]:
+    max_n = max(counts, default=0)
+    if max_n == 0:
+        return [[] for _ in counts], [[] for _ in counts]
+    values, ids = logprobs.topk(min(max_n, logprobs.shape[-1]), dim=-1)  # [B, n]
+    ids_list, values_list = ids.tolist(), values.tolist()
+    return (
+        [row[:n] for row, n in zip(ids_list, counts, strict=True)],
+        [row[:n] for row, n in zip(values_list, counts, strict=True)],
+    )
+
+
+def _token_counts(logits: torch.Tensor, token_ids: list[list[int]]) -> torch.Tensor:
+    """How often each vocabulary id occurs in each row's token list. [B, V]"""
+    counts = torch.zeros_like(logits)
+    rows = torch.tensor([b for b, ids in enumerate(token_ids) for _ in ids], dtype=torch.long)
+    cols = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long)
+    ones = torch.ones(len(cols), dtype=logits.dtype)
+    return counts.index_put_((rows, cols), ones, accumulate=True)
+
+
+def _column(params: list[SamplingParams], name: str, like: torch.Tensor) -> torch.Tensor:
+    """One parameter of every request as a [B, 1] column broadcastable over the vocabulary."""
+    values = [float(getattr(p, name)) for p in params]
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def _where_rows(rows: list[bool], new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    mask = torch.tensor(rows, device=old.device).unsqueeze(1)  # [B, 1]
+    return torch.where(mask, new, old)

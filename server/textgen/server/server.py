@@ -1,0 +1,81 @@
+"""Start-up and shutdown of one shard process: load, bind, serve until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from textgen.proto import generate_pb2_grpc
+from textgen.server.config import ServerConfig
+from textgen.server.distributed import ParallelGroup
+from textgen.server.servicer import TextGenerationServicer
+from textgen.server.shard import Shard
+
+logger = logging.getLogger(__name__)
+
+# Prefill logprobs of long prompts exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 256 * 2**20
+SHUTDOWN_GRACE_S = 5.0
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT; the socket file is removed on the way out."""
+    group = ParallelGroup.initialize(
+        config.rank, config.world_size, config.master_addr, config.master_port
+    )
+    try:
+        # NOTE: the platform is decided here, once; only CPU exists so far.
+        shard = Shard.load(config, group, torch.device("cpu"))
+        logger.info("loaded %s from %s", shard.runner.config.model_type, config.model_dir)
+        with _signals_set(asyncio.Event()) as stop:
+            await run_server(config, shard, stop)
+    finally:
+        group.shutdown()
+
+
+async def run_server(config: ServerConfig, shard: Shard, stop: asyncio.Event) -> None:
+    """Serve `shard` on its unix socket until `stop` is set."""
+    servicer = TextGenerationServicer(shard)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+    _remove_socket(config.socket_path)  # a stale file from a killed shard blocks the bind
+    server.add_insecure_port(f"unix://{config.socket_path}")
+    await server.start()
+    logger.info("serving on unix://%s", config.socket_path)
+    try:
+        await stop.wait()
+        logger.info("stopping")
+        await server.stop(SHUTDOWN_GRACE_S)
+    finally:
+        servicer.close()
+        _remove_socket(config.socket_path)
+
+
+@contextlib.contextmanager
+def _signals_set(stop: asyncio.Event) -> Iterator[asyncio.Event]:
+    """Set `stop` on SIGTERM or SIGINT while inside the block."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _remove_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

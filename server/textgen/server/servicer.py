@@ -1,0 +1,82 @@
+"""The gRPC servicer: transport only, the work is in `Shard`.
+
+RPCs that touch the model or batches are serialised by one lock and run in
+one worker thread, so the event loop stays free to answer Health during a
+long forward. Errors become status codes; the process never dies of a bad
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import grpc
+
+from textgen.proto import generate_pb2, generate_pb2_grpc
+from textgen.server.errors import InvalidRequestError, NotReadyError
+from textgen.server.shard import Shard
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotReadyError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+class TextGenerationServicer(generate_pb2_grpc.TextGenerationServiceServicer):
+    def __init__(self, shard: Shard, executor: ThreadPoolExecutor | None = None) -> None:
+        self.shard = shard
+        self._lock = asyncio.Lock()
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="textgen-forward")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def Info(self, request, context) -> generate_pb2.InfoResponse:
+        return self.shard.info()
+
+    async def Health(self, request, context) -> generate_pb2.HealthResponse:
+        return generate_pb2.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context) -> generate_pb2.ServiceDiscoveryResponse:
+        return generate_pb2.ServiceDiscoveryResponse(urls=self.shard.config.shard_urls())
+
+    async def ClearCache(self, request, context) -> generate_pb2.ClearCacheResponse:
+        batch_id = request.id if request.HasField("id") else None
+        await self._run(context, lambda: self.shard.clear_cache(batch_id))
+        return generate_pb2.ClearCacheResponse()
+
+    async def FilterBatch(self, request, context) -> generate_pb2.FilterBatchResponse:
+        ids = list(request.request_ids)
+        batch = await self._run(context, lambda: self.shard.filter_batch(request.batch_id, ids))
+        return generate_pb2.FilterBatchResponse(batch=batch)
+
+    async def Warmup(self, request, context) -> generate_pb2.WarmupResponse:
+        return await self._run(context, lambda: self.shard.warmup(request))
+
+    async def Prefill(self, request, context) -> generate_pb2.PrefillResponse:
+        return await self._run(context, lambda: self.shard.prefill(request.batch))
+
+    async def Decode(self, request, context) -> generate_pb2.DecodeResponse:
+        return await self._run(context, lambda: self.shard.decode(list(request.batches)))
+
+    async def _run(self, context, work: Callable[[], T]) -> T:
+        """Run `work` alone on the worker thread; map its errors to a status code."""
+        async with self._lock:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+            except tuple(_STATUS_CODES) as e:
+                code = next(c for t, c in _STATUS_CODES.items() if isinstance(e, t))
+                logger.warning("%s: %s", code.name, e)
+                await context.abort(code, str(e))
+            except Exception as e:
+                logger.exception("internal error")
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        raise AssertionError("context.abort returned")  # pragma: no cover

@@ -1,0 +1,286 @@
+"""The shard's RPC logic on plain protobuf messages: batches in, generations out.
+
+The servicer adds only transport concerns (serialisation of RPCs, status
+codes). Every shard of a group runs the same batches with the same seeds, so
+all ranks hold identical request states; rank 0's generations are read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from textgen.proto import generate_pb2
+from textgen.server.batch import Batch, RequestState
+from textgen.server.config import ServerConfig
+from textgen.server.distributed import ParallelGroup
+from textgen.server.errors import InvalidRequestError, NotReadyError
+from textgen.server.model_runner import ModelRunner, SequenceInput
+from textgen.server.sampling import SamplingOutput, SamplingParams, sample
+from textgen.server.validation import (
+    ShardLimits,
+    check_block_table,
+    check_new_batch,
+    check_prefill_request,
+    check_warmup,
+)
+
+
+class Shard:
+    def __init__(self, runner: ModelRunner, config: ServerConfig) -> None:
+        self.runner = runner
+        self.config = config
+        self.batches: dict[int, Batch] = {}
+
+    @classmethod
+    def load(cls, config: ServerConfig, group: ParallelGroup, device: torch.device) -> Shard:
+        runner = ModelRunner.load(
+            Path(config.model_dir), config.torch_dtype, config.block_size, group, device
+        )
+        return cls(runner, config)
+
+    # -- facts --------------------------------------------------------------
+
+    def info(self) -> generate_pb2.InfoResponse:
+        hf = self.runner.config
+        return generate_pb2.InfoResponse(
+            model_type=hf.model_type,
+            dtype=self.config.dtype,
+            device_type=self.runner.device.type,
+            block_size=self.config.block_size,
+            vocab_size=hf.vocab_size,
+            max_position_embeddings=hf.max_position_embeddings,
+            world_size=self.config.world_size,
+        )
+
+    @property
+    def limits(self) -> ShardLimits:
+        if self.runner.kv_cache is None:
+            raise NotReadyError("the KV cache is not allocated: call Warmup first")
+        hf = self.runner.config
+        return ShardLimits(
+            hf.vocab_size,
+            hf.max_position_embeddings,
+            self.config.block_size,
+            self.runner.kv_cache.num_blocks,
+        )
+
+    # -- Warmup -------------------------------------------------------------
+
+    def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
+        """Size the cache from the budget, then run the largest prefill and a decode step."""
+        check_warmup(request, self.runner.config.max_position_embeddings)
+        block_size = self.config.block_size
+        spec = self.runner.kv_cache_spec
+        num_blocks = spec.num_blocks_for(self.config.kv_cache_memory_bytes)
+        # NOTE: +1: block 0 is the router's health-probe block.
+        needed = math.ceil(request.max_total_tokens / block_size) + 1
+        if num_blocks < needed:
+            raise InvalidRequestError(
+                f"a KV budget of {self.config.kv_cache_memory_gib} GiB holds {num_blocks} "
+                f"blocks of {spec.bytes_per_block} bytes; one sequence of "
+                f"{request.max_total_tokens} tokens needs {needed}"
+            )
+        self.batches.clear()
+        self.runner.allocate_kv_cache(num_blocks)
+        prefill = _warmup_prefill(request, num_blocks, block_size)
+        self.runner.forward(prefill)
+        self.runner.forward(_warmup_decode(request, len(prefill), num_blocks, block_size))
+        return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=block_size)
+
+    # -- Prefill ------------------------------------------------------------
+
+    def prefill(self, batch: generate_pb2.Batch) -> generate_pb2.PrefillResponse:
+        start = time.monotonic_ns()
+        limits = self.limits
+        check_new_batch(batch, set(self.batches))
+        for request in batch.requests:
+            check_prefill_request(request, limits)
+        states = [_new_state(r) for r in batch.requests]
+        inputs = [self._prefill_input(r) for r in batch.requests]
+        logits = self.runner.forward(inputs)  # per request: [n, V]
+        forward_done = time.monotonic_ns()
+        last_logits = torch.stack([x[-1] for x in logits])  # [B, V]
+        output = sample(last_logits, [s.sampling_request() for s in states])
+        generations = _generations(states, output)
+        for i, request in enumerate(batch.requests):
+            if request.prefill_logprobs:
+                tokens = _prefill_tokens(list(request.input_ids), logits[i], inputs[i].start_pos)
+                generations[i].prefill_tokens.CopyFrom(tokens)
+        self.batches[batch.id] = cached = Batch(batch.id, states)
+        done = time.monotonic_ns()
+        return generate_pb2.PrefillResponse(
+            generations=generations,
+            batch=cached.to_proto(),
+            forward_ns=forward_done - start,
+            decode_ns=done - forward_done,
+            total_ns=done - start,
+        )
+
+    def _prefill_input(self, request: generate_pb2.Request) -> SequenceInput:
+        prompt = list(request.input_ids)
+        # NOTE: a fully cached prompt still recomputes its last token: its logits
+        # are the first step's distribution.
+        cache_len = min(request.cache_len, len(prompt) - 1)
+        blocks = list(request.blocks)
+        slots = list(request.slots) or [
+            blocks[p // self.config.block_size] * self.config.block_size
+            + p % self.config.block_size
+            for p in range(len(prompt))
+        ]
+        return SequenceInput(
+            token_ids=prompt[cache_len:],
+            start_pos=cache_len,
+            slots=slots[cache_len:],
+            block_table=blocks,
+            all_logits=request.prefill_logprobs,
+        )
+
+    # -- Decode -------------------------------------------------------------
+
+    def decode(self, cached: list[generate_pb2.CachedBatch]) -> generate_pb2.DecodeResponse:
+        start = time.monotonic_ns()
+        if len({c.id for c in cached}) != len(cached):
+            raise InvalidRequestError("decode got the same batch twice")
+        if not cached:
+            raise InvalidRequestError("decode got no batches")
+        batch = Batch.concatenate([self._batch(c.id) for c in cached])
+        concat_done = time.monotonic_ns()
+        limits = self.limits
+        for state in batch.requests:
+            check_block_table(state.id, state.block_table, state.length, limits)
+        logits = self.runner.forward([self._decode_input(s) for s in batch.requests])
+        forward_done = time.monotonic_ns()
+        output = sample(torch.cat(logits), [s.sampling_request() for s in batch.requests])
+        generations = _generations(batch.requests, output)
+        # NOTE: the inputs are replaced only once the step has succeeded, so a
+        # failed Decode leaves every batch as it was.
+        for c in cached:
+            del self.batches[c.id]
+        self.batches[batch.id] = batch
+        done = time.monotonic_ns()
+        return generate_pb2.DecodeResponse(
+            generations=generations,
+            batch=batch.to_proto(),
+            forward_ns=forward_done - concat_done,
+            decode_ns=done - forward_done,
+            total_ns=done - start,
+            concat_ns=concat_done - start,
+        )
+
+    def _decode_input(self, state: RequestState) -> SequenceInput:
+        position = state.length - 1  # the last sampled token is not cached yet
+        return SequenceInput(
+            token_ids=[state.token_ids[-1]],
+            start_pos=position,
+            slots=[state.slot(position, self.config.block_size)],
+            block_table=state.block_table,
+        )
+
+    # -- FilterBatch / ClearCache -------------------------------------------
+
+    def filter_batch(
+        self, batch_id: int, request_ids: list[int]
+    ) -> generate_pb2.CachedBatch | None:
+        """Keep the given requests; keeping none drops the batch (returns None)."""
+        batch = self._batch(batch_id)
+        if not request_ids:
+            del self.batches[batch_id]
+            return None
+        try:
+            self.batches[batch_id] = batch = batch.filter(request_ids)
+        except KeyError as e:
+            raise InvalidRequestError(str(e.args[0])) from None
+        return batch.to_proto()
+
+    def clear_cache(self, batch_id: int | None) -> None:
+        """Drop one batch (an unknown id is already dropped) or every batch."""
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    def _batch(self, batch_id: int) -> Batch:
+        if batch_id not in self.batches:
+            raise InvalidRequestError(f"batch {batch_id} is not on the shard")
+        return self.batches[batch_id]
+
+
+def _new_state(request: generate_pb2.Request) -> RequestState:
+    try:
+        params = SamplingParams.from_proto(request.parameters)
+    except ValueError as e:
+        raise InvalidRequestError(f"request {request.id}: {e}") from None
+    return RequestState(
+        id=request.id,
+        token_ids=list(request.input_ids),
+        prompt_len=len(request.input_ids),
+        block_table=list(request.blocks),
+        max_new_tokens=request.max_new_tokens,
+        params=params,
+        generator=params.make_generator(),
+        top_n_tokens=request.top_n_tokens,
+    )
+
+
+def _generations(
+    states: list[RequestState], output: SamplingOutput
+) -> list[generate_pb2.Generation]:
+    """One Generation per request; records the chosen token in its state."""
+    generations = []
+    for i, state in enumerate(states):
+        token = generate_pb2.Tokens(ids=[output.next_ids[i]], logprobs=[output.logprobs[i]])
+        generation = generate_pb2.Generation(request_id=state.id, tokens=token)
+        if state.top_n_tokens:
+            top = generate_pb2.Tokens(ids=output.top_ids[i], logprobs=output.top_logprobs[i])
+            generation.top_tokens.append(top)
+        generations.append(generation)
+        state.append(output.next_ids[i])
+    return generations
+
+
+def _prefill_tokens(prompt: list[int], logits: torch.Tensor, cache_len: int) -> generate_pb2.Tokens:
+    """Logprob of each prompt token given its prefix; NaN where no logits were computed.
+
+    `logits` [L - cache_len, V] are those of positions cache_len..L-1; the row
+    of position p scores token p + 1. The first token and every cached one
+    (whose predecessor was not recomputed) get NaN.
+    """
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)  # [L - cache_len - 1, V]
+    targets = torch.tensor(prompt[cache_len + 1 :], dtype=torch.long).unsqueeze(1)
+    values = logprobs.gather(1, targets).squeeze(1).tolist()
+    return generate_pb2.Tokens(ids=prompt, logprobs=[math.nan] * (cache_len + 1) + values)
+
+
+def _warmup_prefill(
+    request: generate_pb2.WarmupRequest, num_blocks: int, block_size: int
+) -> list[SequenceInput]:
+    """max_prefill_tokens in sequences of at most max_input_tokens, on scratch blocks."""
+    total = request.max_prefill_tokens or request.max_input_tokens
+    lengths = [request.max_input_tokens] * (total // request.max_input_tokens)
+    lengths += [total % request.max_input_tokens] if total % request.max_input_tokens else []
+    sequences, next_block = [], 0
+    for length in lengths:
+        table = [(next_block + j) % num_blocks for j in range(math.ceil(length / block_size))]
+        next_block += len(table)
+        slots = [table[p // block_size] * block_size + p % block_size for p in range(length)]
+        sequences.append(SequenceInput([0] * length, 0, slots, table))
+    return sequences
+
+
+def _warmup_decode(
+    request: generate_pb2.WarmupRequest, num_prefill: int, num_blocks: int, block_size: int
+) -> list[SequenceInput]:
+    """The widest decode step: max_batch_size sequences sharing the cache evenly."""
+    batch_size = min(request.max_batch_size or num_prefill, num_blocks)
+    blocks_each = min(math.ceil(request.max_total_tokens / block_size), num_blocks // batch_size)
+    sequences = []
+    for i in range(batch_size):
+        table = [i * blocks_each + j for j in range(blocks_each)]
+        position = min(request.max_total_tokens, blocks_each * block_size) - 1
+        slot = table[position // block_size] * block_size + position % block_size
+        sequences.append(SequenceInput([0], position, [slot], table))
+    return sequences
