@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Launcher, start_launcher, stop_launcher
+from launcher_process import Launcher, start_launcher, stop_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -159,17 +159,12 @@ def test_validation_error_is_422(launcher: Launcher):
 
 def test_sigterm_exits_cleanly_without_leftovers(tmp_path, model_dir):
     own = start_launcher(tmp_path)
-    children = subprocess.run(
-        ["pgrep", "-s", str(own.process.pid)], capture_output=True, text=True
-    ).stdout.split()
-    assert len(children) >= 3  # launcher, shard, router
+    pgrep = subprocess.run(["pgrep", "-P", str(own.process.pid)], capture_output=True, text=True)
+    children = [int(pid) for pid in pgrep.stdout.split()]
+    assert len(children) == 2  # the shard and the router
+    assert (tmp_path / "shard-0").exists()
     assert stop_launcher(own) == 0
     log = own.log()
     assert "Traceback" not in log, log
-    leftovers = subprocess.run(
-        ["pgrep", "-s", str(own.process.pid)], capture_output=True, text=True
-    ).stdout.split()
-    assert leftovers == []
-    assert not any(
-        name.startswith("shard") for name in os.listdir(tmp_path) if not name.endswith(".log")
-    )
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not (tmp_path / "shard-0").exists()

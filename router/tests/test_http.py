@@ -171,3 +171,14 @@ async def test_metrics_page_reports_live_kv_use():
     assert values["textgen_kv_blocks_used"] == 3
     assert values["textgen_kv_blocks_free"] == 255 - 3
     assert values["tgi_queue_size"] == 0
+
+
+async def test_compat_route_picks_stream_or_list():
+    async with router() as (client, _, _):
+        listed = await client.post("/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+        streamed = await client.post(
+            "/", json={"inputs": "Hi", "stream": True, "parameters": {"max_new_tokens": 2}}
+        )
+    assert listed.json() == [{"generated_text": "He"}]
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.text.count("data:") == 2

@@ -67,35 +67,45 @@ def _state(request: Request) -> RouterState:
 
 
 async def generate(request: Request) -> Response:
+    return await _handle(request, stream=False)
+
+
+async def generate_stream(request: Request) -> Response:
+    return await _handle(request, stream=True)
+
+
+async def compat_generate(request: Request) -> Response:
+    """TGI's `POST /`: `stream` picks the route; non-streamed results come as a list."""
+    return await _handle(request, stream=None)
+
+
+async def _handle(request: Request, stream: bool | None) -> Response:
+    """Admit a request and answer it; `stream=None` reads the choice from the body (`/`)."""
     state = _state(request)
     try:
         body = await read_json(request, state.payload_limit)
         entry = await state.infer.submit(body)
     except RouterError as error:
         return error_response(error)
+    as_list = stream is None
+    if stream is None:
+        stream = bool(body.get("stream"))  # validation admitted it: body is an object
+    if stream:
+        return EventStream(state.infer, entry)
+    return await _complete(request, state.infer, entry, as_list)
+
+
+async def _complete(request: Request, infer: Infer, entry: Entry, as_list: bool) -> Response:
     watcher = asyncio.create_task(_cancel_on_disconnect(request, entry))
     try:
-        events = [event async for event in state.infer.events(entry)]
+        events = [event async for event in infer.events(entry)]
     except RouterError as error:
         return error_response(error)
     finally:
         watcher.cancel()
-        state.infer.finish(entry)
-    request_ = entry.request
-    headers = _timing_headers(entry)
-    return JSONResponse(
-        generate_json(events, request_.details, request_.top_n_tokens), headers=headers
-    )
-
-
-async def generate_stream(request: Request) -> Response:
-    state = _state(request)
-    try:
-        body = await read_json(request, state.payload_limit)
-        entry = await state.infer.submit(body)
-    except RouterError as error:
-        return error_response(error)
-    return EventStream(state.infer, entry)
+        infer.finish(entry)
+    body = generate_json(events, entry.request.details, entry.request.top_n_tokens)
+    return JSONResponse([body] if as_list else body, headers=_timing_headers(entry))
 
 
 class EventStream(StreamingResponse):
@@ -183,6 +193,7 @@ def build_app(
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
 ) -> Starlette:
     routes = [
+        Route("/", compat_generate, methods=["POST"]),
         Route("/generate", generate, methods=["POST"]),
         Route("/generate_stream", generate_stream, methods=["POST"]),
         Route("/health", health, methods=["GET"]),

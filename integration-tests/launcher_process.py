@@ -1,0 +1,84 @@
+"""Start and stop the real `textgen-launcher` as a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass
+class Launcher:
+    process: subprocess.Popen
+    url: str
+    uds_path: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_launcher(tmp: Path, *extra: str) -> Launcher:
+    port = free_port()
+    uds_path = str(tmp / "shard")
+    log_path = tmp / "launcher.log"
+    command = [
+        str(Path(sys.executable).parent / "textgen-launcher"),
+        "--port", str(port),
+        "--hostname", "127.0.0.1",
+        "--shard-uds-path", uds_path,
+        "--dtype", "float32",
+        "--max-input-tokens", "1024",
+        "--max-total-tokens", "1536",
+        "--max-batch-prefill-tokens", "1024",
+        "--kv-cache-memory-gib", "0.5",
+        *extra,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    launcher = Launcher(process, f"http://127.0.0.1:{port}", uds_path, log_path)
+    wait_healthy(launcher)
+    return launcher
+
+
+def wait_healthy(launcher: Launcher) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if launcher.process.poll() is not None:
+            raise RuntimeError(f"launcher exited early:\n{launcher.log()}")
+        try:
+            if httpx.get(launcher.url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_launcher(launcher)
+    raise RuntimeError(f"launcher not healthy after {STARTUP_TIMEOUT_S}s:\n{launcher.log()}")
+
+
+def stop_launcher(launcher: Launcher) -> int:
+    if launcher.process.poll() is None:
+        launcher.process.send_signal(signal.SIGTERM)
+        try:
+            return launcher.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.process.pid, signal.SIGKILL)
+            launcher.process.wait()
+    return launcher.process.returncode

@@ -1,0 +1,69 @@
+"""The children's command lines: exactly the flags textgen-server and textgen-router take."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from textgen.launcher import commands as commands_mod
+from textgen.launcher.commands import TextgenCommands, console_script
+from textgen.launcher.config import LauncherConfig, TokenLimits
+
+MODEL_DIR = Path("/models/smol")
+
+
+def make_commands(**overrides: object) -> TextgenCommands:
+    config = LauncherConfig(**overrides)  # type: ignore[arg-type]
+    return TextgenCommands(
+        config=config,
+        model_dir=MODEL_DIR,
+        model_name="org/smol",
+        limits=TokenLimits.derive(config, 8192),
+        dtype="float32",
+    )
+
+
+def test_shard_command() -> None:
+    argv = make_commands(shard_uds_path="/tmp/s", master_port=1234).shard(0)
+    assert argv[0].endswith("textgen-server") or "textgen.server.cli" in argv[-1]
+    assert argv[argv.index("serve") :] == [
+        "serve", "/models/smol", "--uds-path", "/tmp/s", "--rank", "0", "--world-size", "1",
+        "--dtype", "float32", "--kv-cache-memory-gib", "1.0",
+        "--master-addr", "localhost", "--master-port", "1234",
+    ]  # fmt: skip
+
+
+def test_router_command_with_defaults() -> None:
+    argv = make_commands(port=9000, hostname="127.0.0.1").router()
+    flags = argv[argv.index("--model-dir") :]
+    assert flags == [
+        "--model-dir", "/models/smol", "--model-id", "org/smol",
+        "--port", "9000", "--hostname", "127.0.0.1",
+        "--master-shard-uds-path", "/tmp/textgen-server-0",
+        "--max-input-tokens", "4095", "--max-total-tokens", "4096",
+        "--max-batch-prefill-tokens", "4145",
+        "--max-concurrent-requests", "128", "--waiting-served-ratio", "0.3",
+        "--max-waiting-tokens", "20", "--max-stop-sequences", "4",
+    ]  # fmt: skip
+
+
+def test_router_command_with_optional_flags() -> None:
+    argv = make_commands(max_batch_total_tokens=10000, max_batch_size=4, json_output=True).router()
+    assert argv[argv.index("--max-batch-total-tokens") + 1] == "10000"
+    assert argv[argv.index("--max-batch-size") + 1] == "4"
+    assert argv[-1] == "--json-output"
+
+
+def test_console_script_from_the_venv() -> None:
+    script = Path(sys.executable).parent / "textgen-router"
+    assert script.is_file()  # the project is installed in this environment
+    assert console_script("textgen-router", "textgen.router.main") == [str(script)]
+
+
+def test_console_script_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commands_mod.sys, "executable", str(tmp_path / "python"))
+    argv = console_script("textgen-router", "textgen.router.main")
+    assert argv[:2] == [str(tmp_path / "python"), "-c"]
+    assert "from textgen.router.main import main" in argv[2]

@@ -1,0 +1,5 @@
+import sys
+
+from textgen.launcher.main import main
+
+sys.exit(main())

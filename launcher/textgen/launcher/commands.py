@@ -1,0 +1,91 @@
+"""Command lines of the launcher's children: the shards and the router.
+
+The supervisor only sees the `ChildCommands` protocol, so tests substitute
+small stand-in programs without starting real shards.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from textgen.launcher.config import LauncherConfig, TokenLimits
+
+
+class ChildCommands(Protocol):
+    """The argv of each child process the supervisor starts."""
+
+    def shard(self, rank: int) -> list[str]: ...
+
+    def router(self) -> list[str]: ...
+
+
+def shard_uds_path(base: str, rank: int) -> str:
+    """The unix socket shard `rank` listens on (without the `unix://` scheme)."""
+    return f"{base}-{rank}"
+
+
+def console_script(name: str, module: str) -> list[str]:
+    """Run `name` from this interpreter's environment.
+
+    The console script next to sys.executable is the venv's own; without one
+    (e.g. a source checkout on PYTHONPATH) import the entry point directly.
+    """
+    script = Path(sys.executable).parent / name
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+@dataclass(frozen=True)
+class TextgenCommands:
+    """The real children: `textgen-server serve` per rank and `textgen-router`."""
+
+    config: LauncherConfig
+    model_dir: Path
+    model_name: str  # what the router reports as model_id in /info and /v1/models
+    limits: TokenLimits
+    dtype: str
+
+    def shard(self, rank: int) -> list[str]:
+        c = self.config
+        return [
+            *console_script("textgen-server", "textgen.server.cli"),
+            "serve", str(self.model_dir),
+            "--uds-path", c.shard_uds_path,
+            "--rank", str(rank),
+            "--world-size", str(c.num_shard),
+            "--dtype", self.dtype,
+            "--kv-cache-memory-gib", str(c.kv_cache_memory_gib),
+            "--master-addr", c.master_addr,
+            "--master-port", str(c.master_port),
+        ]  # fmt: skip
+
+    def router(self) -> list[str]:
+        c, limits = self.config, self.limits
+        argv = [
+            *console_script("textgen-router", "textgen.router.main"),
+            "--model-dir", str(self.model_dir),
+            "--model-id", self.model_name,
+            "--port", str(c.port),
+            "--hostname", c.hostname,
+            "--master-shard-uds-path", shard_uds_path(c.shard_uds_path, 0),
+            "--max-input-tokens", str(limits.max_input_tokens),
+            "--max-total-tokens", str(limits.max_total_tokens),
+            "--max-batch-prefill-tokens", str(limits.max_batch_prefill_tokens),
+        ]  # fmt: skip
+        argv += _optional("--max-batch-total-tokens", c.max_batch_total_tokens)
+        argv += _optional("--max-batch-size", c.max_batch_size)
+        argv += [
+            "--max-concurrent-requests", str(c.max_concurrent_requests),
+            "--waiting-served-ratio", str(c.waiting_served_ratio),
+            "--max-waiting-tokens", str(c.max_waiting_tokens),
+            "--max-stop-sequences", str(c.max_stop_sequences),
+        ]  # fmt: skip
+        return argv + (["--json-output"] if c.json_output else [])
+
+
+def _optional(flag: str, value: int | None) -> list[str]:
+    return [] if value is None else [flag, str(value)]

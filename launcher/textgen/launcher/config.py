@@ -1,0 +1,190 @@
+"""The launcher's configuration: one frozen dataclass, the CLI is generated from it.
+
+Token limits depend on the model (`max_position_embeddings`), so they are
+settled in a second step, `TokenLimits.derive`, once the model is resolved.
+Defaults follow TGI:
+
+    max_total_tokens         = min(max_position_embeddings, 4096)
+    max_input_tokens         = max_total_tokens - 1
+    max_batch_prefill_tokens = max_input_tokens + 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+MAX_TOTAL_TOKENS_CAP = 4096
+PREFILL_HEADROOM_TOKENS = 50
+# Config keys that name the context length, in the order transformers' configs use them.
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+class ConfigError(ValueError):
+    """An invalid launcher setting; the message is meant for the user as is."""
+
+
+# Help for each LauncherConfig field; the field's name, type and default make the rest of the flag.
+FLAG_HELP = {
+    "model_id": "hub id, model directory or .gguf file; default: built-in SmolLM2-135M-Instruct",
+    "revision": "hub revision (branch, tag or commit)",
+    "cache_dir": "where converted models live; default: $TEXTGEN_CACHE or ~/.cache/textgen",
+    "num_shard": "number of shards (tensor-parallel ranks)",
+    "port": "HTTP port of the router",
+    "hostname": "HTTP address of the router",
+    "max_input_tokens": "prompt tokens per request; default: max_total_tokens - 1",
+    "max_total_tokens": "prompt + generated tokens; default: min(max_position_embeddings, 4096)",
+    "max_batch_prefill_tokens": "prompt tokens per prefill; default: max_input_tokens + 50",
+    "max_batch_total_tokens": "tokens per batch; default: sized from the shards' KV cache",
+    "max_batch_size": "requests per batch; default: unlimited",
+    "max_concurrent_requests": "requests in flight before the router answers 429",
+    "waiting_served_ratio": "waiting/running ratio that triggers a prefill",
+    "max_waiting_tokens": "decode steps a waiting request may be postponed",
+    "max_stop_sequences": "stop sequences per request",
+    "dtype": "default: float32 on CPU, bfloat16 on CUDA",
+    "shard_uds_path": "shard r listens on unix://{path}-{r}",
+    "kv_cache_memory_gib": "memory each shard gives its paged KV cache",
+    "master_addr": "torch.distributed rendezvous address",
+    "master_port": "torch.distributed rendezvous port",
+    "json_output": "log JSON lines instead of plain text",
+}
+FLAG_CHOICES = {"dtype": DTYPES}
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    model_id: str | None = None
+    revision: str | None = None
+    cache_dir: Path | None = None
+    num_shard: int = 1
+    port: int = 8080
+    hostname: str = "0.0.0.0"
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_concurrent_requests: int = 128
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_stop_sequences: int = 4
+    dtype: str | None = None
+    shard_uds_path: str = "/tmp/textgen-server"
+    kv_cache_memory_gib: float = 1.0
+    master_addr: str = "localhost"
+    master_port: int = 29500
+    json_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_shard != 1:
+            raise ConfigError(
+                f"--num-shard {self.num_shard}: tensor parallelism is not supported yet"
+            )
+        if not 0 < self.port < 65536 or not 0 < self.master_port < 65536:
+            raise ConfigError("--port and --master-port must be between 1 and 65535")
+        if self.waiting_served_ratio < 0:
+            raise ConfigError("--waiting-served-ratio must be >= 0")
+        if self.kv_cache_memory_gib <= 0:
+            raise ConfigError("--kv-cache-memory-gib must be > 0")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+        self._check_positive()
+        self._check_given_limits()
+
+    def _check_positive(self) -> None:
+        names = (
+            "max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens",
+            "max_batch_total_tokens", "max_batch_size", "max_concurrent_requests",
+        )  # fmt: skip
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+        if self.max_waiting_tokens < 0 or self.max_stop_sequences < 0:
+            raise ConfigError("--max-waiting-tokens and --max-stop-sequences must be >= 0")
+
+    def _check_given_limits(self) -> None:
+        # Limits given on the command line are checked before the (slow) model
+        # resolution; defaults are checked by TokenLimits once the model is known.
+        total, max_input = self.max_total_tokens, self.max_input_tokens
+        prefill = self.max_batch_prefill_tokens
+        if total is not None and max_input is not None and max_input >= total:
+            raise ConfigError(
+                f"--max-input-tokens ({max_input}) must be < --max-total-tokens ({total})"
+            )
+        if prefill is not None and max_input is not None and prefill < max_input:
+            raise ConfigError(
+                f"--max-batch-prefill-tokens ({prefill}) must be >= "
+                f"--max-input-tokens ({max_input})"
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LauncherConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per LauncherConfig field, with TGI's name and the field's default."""
+    hints = typing.get_type_hints(LauncherConfig)
+    for f in dataclasses.fields(LauncherConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = FLAG_HELP[f.name]
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = _value_type(hints[f.name])
+        choices = FLAG_CHOICES.get(f.name)
+        parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
+
+
+def _value_type(hint: Any) -> type:
+    """`int | None` -> int: the type a flag's string converts to."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """Per-request and per-batch token budgets handed to the router."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ConfigError(
+                f"max_input_tokens ({self.max_input_tokens}) must be < "
+                f"max_total_tokens ({self.max_total_tokens})"
+            )
+        if self.max_batch_prefill_tokens < self.max_input_tokens:
+            raise ConfigError(
+                f"max_batch_prefill_tokens ({self.max_batch_prefill_tokens}) must be >= "
+                f"max_input_tokens ({self.max_input_tokens})"
+            )
+
+    @classmethod
+    def derive(cls, config: LauncherConfig, max_position_embeddings: int) -> TokenLimits:
+        total = config.max_total_tokens
+        if total is None:
+            total = min(max_position_embeddings, MAX_TOTAL_TOKENS_CAP)
+        max_input = config.max_input_tokens if config.max_input_tokens is not None else total - 1
+        prefill = config.max_batch_prefill_tokens
+        if prefill is None:
+            prefill = max_input + PREFILL_HEADROOM_TOKENS
+        return cls(max_input, total, prefill)
+
+
+def read_context_length(model_dir: Path) -> int:
+    """The model's context length from config.json, or the 4096-token cap if it names none."""
+    config = json.loads((model_dir / "config.json").read_text())
+    for key in CONTEXT_LENGTH_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return MAX_TOTAL_TOKENS_CAP
