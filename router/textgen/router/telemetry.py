@@ -31,7 +31,11 @@ SHARD_PHASES = ("concat", "forward", "sampling", "total")
 def duration_buckets() -> list[float]:
     """TGI's buckets for every metric whose name ends in `duration`: 35 steps of x1.5 from
     0.15 ms to ~211 s."""
-    return [0.0001 * 1.5**k for k in range(1, 36)]
+    buckets, value = [], 0.0001
+    for _ in range(35):
+        value *= 1.5  # as TGI computes them, so the `le` labels match to the last digit
+        buckets.append(value)
+    return buckets
 
 
 def linear_buckets(limit: int, count: int = 100) -> list[float]:
