@@ -61,6 +61,7 @@ class TextgenCommands:
             "--kv-cache-memory-gib", str(c.kv_cache_memory_gib),
             "--master-addr", c.master_addr,
             "--master-port", str(c.master_port),
+            *observability_flags(c),
         ]  # fmt: skip
 
     def router(self) -> list[str]:
@@ -84,8 +85,16 @@ class TextgenCommands:
             "--max-waiting-tokens", str(c.max_waiting_tokens),
             "--max-stop-sequences", str(c.max_stop_sequences),
         ]  # fmt: skip
-        return argv + (["--json-output"] if c.json_output else [])
+        return argv + observability_flags(c)
 
 
-def _optional(flag: str, value: int | None) -> list[str]:
+def observability_flags(c: LauncherConfig) -> list[str]:
+    """The same tracing and log flags for every child."""
+    argv = _optional("--otlp-endpoint", c.otlp_endpoint)
+    if c.otlp_endpoint is not None:
+        argv += ["--otlp-service-name", c.otlp_service_name]
+    return argv + (["--json-output"] if c.json_output else [])
+
+
+def _optional(flag: str, value: int | str | None) -> list[str]:
     return [] if value is None else [flag, str(value)]

@@ -52,7 +52,9 @@ FLAG_HELP = {
     "kv_cache_memory_gib": "memory each shard gives its paged KV cache",
     "master_addr": "torch.distributed rendezvous address",
     "master_port": "torch.distributed rendezvous port",
-    "json_output": "log JSON lines instead of plain text",
+    "json_output": "log JSON lines instead of plain text (launcher, router and shards)",
+    "otlp_endpoint": "export traces over OTLP: gRPC (http://host:4317) or HTTP (.../v1/traces)",
+    "otlp_service_name": "traces name the router {name}.router and the shards {name}.server",
 }
 FLAG_CHOICES = {"dtype": DTYPES}
 
@@ -80,6 +82,8 @@ class LauncherConfig:
     master_addr: str = "localhost"
     master_port: int = 29500
     json_output: bool = False
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "textgen"
 
     def __post_init__(self) -> None:
         if self.num_shard != 1:

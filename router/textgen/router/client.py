@@ -15,6 +15,7 @@ import grpc
 
 from textgen.proto import generate_pb2 as pb
 from textgen.proto.generate_pb2_grpc import TextGenerationServiceStub
+from textgen.router.tracing import trace_metadata
 
 # Prefill replies carry per-token logprobs for long prompts; keep well above gRPC's 4 MiB.
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -30,6 +31,10 @@ class StepResult:
     batch: pb.CachedBatch | None
     forward_ns: int
     total_ns: int
+    decode_ns: int = 0
+    """Sampling after the forward (TGI's "decode" timing)."""
+    concat_ns: int = 0
+    """Concatenating cached batches (Decode only)."""
 
 
 class ShardClient:
@@ -57,7 +62,10 @@ class ShardClient:
         await asyncio.gather(*(channel.close() for channel in self._channels))
 
     async def _all(self, method: str, request: object) -> list:
-        return await asyncio.gather(*(getattr(stub, method)(request) for stub in self._stubs))
+        metadata = trace_metadata()
+        return await asyncio.gather(
+            *(getattr(stub, method)(request, metadata=metadata) for stub in self._stubs)
+        )
 
     async def info(self) -> pb.InfoResponse:
         return (await self._all("Info", pb.InfoRequest()))[0]
@@ -89,4 +97,7 @@ class ShardClient:
 
 def _step_result(reply: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:
     batch = reply.batch if reply.HasField("batch") else None
-    return StepResult(reply.generations, batch, reply.forward_ns, reply.total_ns)
+    concat_ns = reply.concat_ns if isinstance(reply, pb.DecodeResponse) else 0
+    return StepResult(
+        reply.generations, batch, reply.forward_ns, reply.total_ns, reply.decode_ns, concat_ns
+    )

@@ -32,6 +32,10 @@ class RouterConfig:
     payload_limit: int = 2_000_000
     """Largest request body in bytes; larger ones get 413."""
     json_output: bool = False
+    otlp_endpoint: str | None = None
+    """OTLP collector for traces: gRPC (http://host:4317) or HTTP (http://host:4318/v1/traces)."""
+    otlp_service_name: str = "textgen"
+    """Traces name the router `{otlp_service_name}.router`."""
 
     def __post_init__(self) -> None:
         if self.max_input_tokens >= self.max_total_tokens:

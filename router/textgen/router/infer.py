@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
-from textgen.router.errors import OverloadedError, RouterError
+from textgen.router.errors import OverloadedError, RouterError, ValidationError
+from textgen.router.logs import log_completion, log_rejection
 from textgen.router.queue import Queue
 from textgen.router.request import Entry, StreamEvent, TokenizerInfo
+from textgen.router.telemetry import RouterMetrics
+from textgen.router.tracing import RouterTracing
 from textgen.router.validation import Validation
-
-logger = logging.getLogger("textgen.router.infer")
 
 
 class Infer:
@@ -23,6 +23,8 @@ class Infer:
         queue: Queue,
         info: TokenizerInfo,
         max_concurrent_requests: int,
+        metrics: RouterMetrics | None = None,
+        tracing: RouterTracing | None = None,
     ) -> None:
         self._validation = validation
         self._queue = queue
@@ -30,20 +32,29 @@ class Infer:
         self._max_concurrent = max_concurrent_requests
         self._request_ids = itertools.count()
         self.num_in_flight = 0
+        self._metrics = metrics or RouterMetrics.standalone()
+        self._tracing = tracing or RouterTracing.disabled()
 
     async def submit(self, body: Any) -> Entry:
         """Validate and enqueue a request; the caller must `finish` the entry it gets."""
+        self._metrics.request_received()
         if self.num_in_flight >= self._max_concurrent:
-            raise OverloadedError()
+            self._reject(OverloadedError(), "overloaded")
         self.num_in_flight += 1
         try:
             received = time.monotonic()
-            request = await self._validation.validate(body)
+            with self._tracing.span("validation"):
+                request = await self._validation.validate(body)
+        except ValidationError as error:
+            self.num_in_flight -= 1
+            self._reject(error, "validation")
         except BaseException:
             self.num_in_flight -= 1
             raise
+        self._metrics.request_validated(request)
         entry = Entry(next(self._request_ids), request, self._info)
         entry.timings.received = received
+        self._tracing.adopt(entry)
         self._queue.append(entry)
         return entry
 
@@ -52,7 +63,14 @@ class Infer:
         self.num_in_flight -= 1
         if not entry.finished:
             entry.cancel()
-        _log_completion(entry)
+        self._metrics.request_finished(entry)
+        self._tracing.request_finished(entry)
+        log_completion(entry)
+
+    def _reject(self, error: RouterError, reason: str) -> NoReturn:
+        self._metrics.request_rejected(reason)
+        log_rejection(error)
+        raise error
 
     async def events(self, entry: Entry) -> AsyncIterator[StreamEvent]:
         """The request's token events, ending with the one that carries its ending."""
@@ -63,22 +81,3 @@ class Infer:
             yield event
             if event.ending is not None:
                 return
-
-
-def _log_completion(entry: Entry) -> None:
-    t = entry.timings
-    if entry.cancelled:
-        logger.info("request %d cancelled after %d tokens", entry.id, entry.num_generated)
-        return
-    if not t.finished:
-        return
-    logger.info(
-        "request %d done: input_length=%d generated_tokens=%d "
-        "queue_time=%.1fms time_to_first_token=%.1fms total_time=%.1fms",
-        entry.id,
-        entry.request.input_len,
-        entry.num_generated,
-        1000 * (t.batched - t.queued),
-        1000 * (t.first_token - t.received),
-        1000 * (t.finished - t.received),
-    )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
 from textgen.proto import generate_pb2 as pb
@@ -23,10 +24,13 @@ from textgen.router.client import ShardClient
 from textgen.router.config import RouterConfig
 from textgen.router.http.app import RouterState, build_app
 from textgen.router.infer import Infer
+from textgen.router.logs import setup_logging
 from textgen.router.metrics import make_registry
 from textgen.router.queue import Queue
 from textgen.router.request import TokenizerInfo
 from textgen.router.scheduler import Scheduler, SchedulerConfig
+from textgen.router.telemetry import RouterMetrics, TokenLimits
+from textgen.router.tracing import RouterTracing, wrap_app
 from textgen.router.validation import Validation, ValidationLimits
 
 logger = logging.getLogger("textgen.router")
@@ -66,7 +70,7 @@ def load_tokenizer(model_dir: str) -> TokenizerInfo:
     return TokenizerInfo(tokenizer, frozenset(eos), frozenset(tokenizer.all_special_ids))
 
 
-async def start(config: RouterConfig) -> RouterState:
+async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> RouterState:
     """Connect to the shards, size the KV cache through Warmup, and start the batching loop."""
     client = await ShardClient.connect(config.master_shard_uds_path)
     shard_info = await client.info()
@@ -90,6 +94,8 @@ async def start(config: RouterConfig) -> RouterState:
         max_batch_total_tokens,
     )
     queue = Queue(allocator)
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = RouterMetrics(registry, TokenLimits(config.max_input_tokens, config.max_total_tokens))
     scheduler = Scheduler(
         client,
         queue,
@@ -101,6 +107,8 @@ async def start(config: RouterConfig) -> RouterState:
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_tokens=config.max_waiting_tokens,
         ),
+        metrics,
+        tracing,
     )
     tokenizer = load_tokenizer(config.model_dir)
     validation = Validation(
@@ -112,9 +120,9 @@ async def start(config: RouterConfig) -> RouterState:
             max_new_tokens_default=config.max_new_tokens_default,
         ),
     )
-    infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests)
+    infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests, metrics, tracing)
     info = _info(config, shard_info, max_batch_total_tokens)
-    registry = make_registry(queue, scheduler, allocator)
+    make_registry(queue, scheduler, allocator, registry)
     return RouterState(infer, scheduler, client, info, config.payload_limit, registry)
 
 
@@ -163,12 +171,12 @@ def _info(config: RouterConfig, shard: pb.InfoResponse, max_batch_total_tokens: 
     }
 
 
-def make_lifespan(config: RouterConfig) -> Any:
+def make_lifespan(config: RouterConfig, tracing: RouterTracing | None = None) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         import asyncio
 
-        state = await start(config)
+        state = await start(config, tracing)
         app.state.router = state
         loop_task = asyncio.create_task(state.scheduler.run(), name="batching-loop")
         loop_task.add_done_callback(_exit_if_loop_died)
@@ -178,6 +186,8 @@ def make_lifespan(config: RouterConfig) -> Any:
             loop_task.remove_done_callback(_exit_if_loop_died)
             loop_task.cancel()
             await state.client.close()
+            if tracing is not None:
+                tracing.shutdown()
 
     return lifespan
 
@@ -189,31 +199,13 @@ def _exit_if_loop_died(task: Any) -> None:
         sys.exit(1)
 
 
-def setup_logging(json_output: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if json_output:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "timestamp": self.formatTime(record),
-                "level": record.levelname,
-                "target": record.name,
-                "message": record.getMessage(),
-            }
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     setup_logging(config.json_output)
-    app = build_app(make_lifespan(config))
+    tracing = RouterTracing.from_endpoint(
+        config.otlp_endpoint, f"{config.otlp_service_name}.router"
+    )
+    app = wrap_app(build_app(make_lifespan(config, tracing)), tracing)
     uvicorn.run(
         app,
         host=config.hostname,

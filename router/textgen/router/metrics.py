@@ -1,5 +1,6 @@
-"""Prometheus metrics (a first slice: live gauges read at scrape time, so they cost nothing
-per token). Names follow TGI's where TGI has the metric."""
+"""Prometheus: the live gauges, read at scrape time so they cost nothing per token, and the
+registry /metrics renders (counters and histograms are recorded by telemetry.py). Names
+follow TGI's where TGI has the metric."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ class LiveStateCollector(Collector):
             "tgi_batch_current_size", "Requests in the running batch", self._scheduler.num_running
         )
         yield GaugeMetricFamily(
+            "tgi_batch_current_max_tokens",
+            "KV tokens the running batch may reach (prompts + max_new_tokens)",
+            self._scheduler.current_max_tokens,
+        )
+        yield GaugeMetricFamily(
             "textgen_kv_blocks_used", "KV blocks held by requests", self._allocator.num_used_blocks
         )
         yield GaugeMetricFamily(
@@ -34,9 +40,14 @@ class LiveStateCollector(Collector):
 
 
 def make_registry(
-    queue: Queue, scheduler: Scheduler, allocator: BlockAllocator
+    queue: Queue,
+    scheduler: Scheduler,
+    allocator: BlockAllocator,
+    registry: CollectorRegistry | None = None,
 ) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=True)
+    """Add the live gauges to `registry` (the one RouterMetrics records on) or a new one."""
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=True)
     registry.register(LiveStateCollector(queue, scheduler, allocator))
     return registry
 

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from opentelemetry.trace import INVALID_SPAN, Span
+
 from textgen.router.allocator import BlockAllocation
 from textgen.router.detokenizer import IncrementalDetokenizer, Tokenizer
 from textgen.router.errors import RouterError
@@ -127,6 +129,8 @@ class Entry:
         self._detokenizer = IncrementalDetokenizer(info.tokenizer, list(request.input_ids))
         self._stop = StopSequenceMatcher(request.stopping.stop_sequences)
         self._prefill: tuple[Token, ...] = ()
+        self.span: Span = INVALID_SPAN
+        """The request's tracing span (a non-recording one when tracing is off)."""
 
     @property
     def done(self) -> bool:

@@ -33,6 +33,8 @@ from textgen.router.client import ShardClient, StepResult
 from textgen.router.errors import GenerationError
 from textgen.router.queue import Budget, Queue
 from textgen.router.request import Entry, Token
+from textgen.router.telemetry import RouterMetrics
+from textgen.router.tracing import RouterTracing
 
 logger = logging.getLogger("textgen.router.scheduler")
 
@@ -52,6 +54,8 @@ class RunningBatch:
 
     cached: pb.CachedBatch
     entries: dict[int, Entry]
+    delivered_at: float = 0.0
+    """Monotonic time its requests got their last token (inter-token latency starts here)."""
 
     @property
     def max_tokens(self) -> int:
@@ -65,6 +69,8 @@ class Scheduler:
         queue: Queue,
         allocator: BlockAllocator,
         config: SchedulerConfig,
+        metrics: RouterMetrics | None = None,
+        tracing: RouterTracing | None = None,
     ) -> None:
         self._client = client
         self._queue = queue
@@ -74,6 +80,9 @@ class Scheduler:
         self.last_step_ok = 0.0
         """Monotonic time of the last step that succeeded (read by /health)."""
         self.num_running = 0
+        self.current_max_tokens = 0
+        self._metrics = metrics or RouterMetrics.standalone()
+        self._tracing = tracing or RouterTracing.disabled()
 
     async def run(self) -> None:
         while True:
@@ -89,16 +98,20 @@ class Scheduler:
         waiting_steps = 0
         while running is not None:
             self.num_running = len(running.entries)
+            self.current_max_tokens = running.max_tokens
             batches = [running]
-            newcomers = self._queue.next_batch(self._budget(running, waiting_steps))
+            budget = self._budget(running, waiting_steps)
+            newcomers = self._queue.next_batch(budget)
             if newcomers is not None:
                 waiting_steps = 0
-                joined = await self._prefill(newcomers)
+                reason = "wait_exceeded" if budget.min_size is None else "backpressure"
+                joined = await self._prefill(newcomers, reason)
                 if joined is not None:
                     batches.append(joined)
             running = await self._decode(batches)
             waiting_steps += 1
         self.num_running = 0
+        self.current_max_tokens = 0
 
     def _budget(self, running: RunningBatch | None, waiting_steps: int) -> Budget:
         config = self._config
@@ -114,10 +127,14 @@ class Scheduler:
             total -= running.max_tokens
         return Budget(min_size, max_size, config.max_batch_prefill_tokens, total)
 
-    async def _prefill(self, entries: list[Entry]) -> RunningBatch | None:
+    async def _prefill(
+        self, entries: list[Entry], concat_reason: str | None = None
+    ) -> RunningBatch | None:
         now = time.monotonic()
         for entry in entries:
             entry.timings.batched = now
+        self._tracing.queued(entries)
+        self._metrics.batch_formed(len(entries), concat_reason)
         batch = pb.Batch(
             id=next(self._batch_ids),
             requests=[_to_proto(entry) for entry in entries],
@@ -125,24 +142,39 @@ class Scheduler:
             max_tokens=sum(entry.request.max_total_tokens for entry in entries),
         )
         running = {entry.id: entry for entry in entries}
+        self._metrics.step_started("prefill")
         try:
-            result = await self._client.prefill(batch)
+            with self._tracing.step("prefill", entries):
+                result = await self._client.prefill(batch)
         except grpc.aio.AioRpcError as error:
+            self._metrics.step_failed("prefill")
             await self._fail(list(running.values()), [batch.id], error)
             return None
-        return await self._advance(running, result)
+        delivered = time.monotonic()
+        joined = await self._advance(running, result)
+        self._metrics.step_done("prefill", result, now, delivered)
+        return joined
 
     async def _decode(self, batches: list[RunningBatch]) -> RunningBatch | None:
         live = [b for b in [await self._drop_done(batch) for batch in batches] if b is not None]
         if not live:
             return None
         entries = {i: e for batch in live for i, e in batch.entries.items()}
+        started = time.monotonic()
+        self._metrics.step_started("decode")
         try:
-            result = await self._client.decode([batch.cached for batch in live])
+            with self._tracing.step("decode", entries.values()):
+                result = await self._client.decode([batch.cached for batch in live])
         except grpc.aio.AioRpcError as error:
+            self._metrics.step_failed("decode")
             await self._fail(list(entries.values()), [b.cached.id for b in live], error)
             return None
-        return await self._advance(entries, result)
+        delivered = time.monotonic()
+        for batch in live:
+            self._metrics.tokens_waited(delivered - batch.delivered_at, len(batch.entries))
+        running = await self._advance(entries, result)
+        self._metrics.step_done("decode", result, started, delivered)
+        return running
 
     async def _advance(self, entries: dict[int, Entry], result: StepResult) -> RunningBatch | None:
         self.last_step_ok = time.monotonic()
@@ -152,7 +184,7 @@ class Scheduler:
                 _deliver(entry, generation)
         if result.batch is None:
             return None
-        return await self._drop_done(RunningBatch(result.batch, entries))
+        return await self._drop_done(RunningBatch(result.batch, entries, self.last_step_ok))
 
     async def _drop_done(self, running: RunningBatch) -> RunningBatch | None:
         """Free finished and cancelled requests and filter them out of the shards' batch."""
@@ -169,7 +201,7 @@ class Scheduler:
             return None
         if cached is None or not running.entries:
             return None
-        return RunningBatch(cached, running.entries)
+        return RunningBatch(cached, running.entries, running.delivered_at)
 
     async def _fail(self, entries: list[Entry], batch_ids: list[int], error: grpc.RpcError) -> None:
         message = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)

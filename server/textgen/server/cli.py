@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
 from textgen.server.config import DTYPES, ServerConfig
+from textgen.server.logs import setup_logging
 from textgen.server.server import serve
 
 
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--block-size", type=int, default=default("block_size"))
     cmd.add_argument("--master-addr", default=default("master_addr"))
     cmd.add_argument("--master-port", type=int, default=default("master_port"))
+    cmd.add_argument("--otlp-endpoint", default=default("otlp_endpoint"), help="OTLP collector")
+    cmd.add_argument("--otlp-service-name", default=default("otlp_service_name"))
+    cmd.add_argument("--json-output", action="store_true", help="log JSON lines")
     return parser
 
 
@@ -45,6 +48,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         block_size=args.block_size,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_service_name=args.otlp_service_name,
+        json_output=args.json_output,
     )
 
 
@@ -54,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as e:
         build_parser().error(str(e))
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s shard {config.rank} %(name)s: %(message)s",
-    )
+    setup_logging(config.rank, config.json_output)
     asyncio.run(serve(config))
     return 0
 

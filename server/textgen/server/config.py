@@ -27,6 +27,11 @@ class ServerConfig:
     block_size: int = 16
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    otlp_endpoint: str | None = None
+    """OTLP collector for traces; None: tracing off."""
+    otlp_service_name: str = "textgen"
+    """Shards trace as `{otlp_service_name}.server`."""
+    json_output: bool = False
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

@@ -17,6 +17,7 @@ from textgen.server.config import ServerConfig
 from textgen.server.distributed import ParallelGroup
 from textgen.server.servicer import TextGenerationServicer
 from textgen.server.shard import Shard
+from textgen.server.tracing import ShardTracing
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ async def serve(config: ServerConfig) -> None:
 
 async def run_server(config: ServerConfig, shard: Shard, stop: asyncio.Event) -> None:
     """Serve `shard` on its unix socket until `stop` is set."""
-    servicer = TextGenerationServicer(shard)
+    tracing = ShardTracing.from_endpoint(
+        config.otlp_endpoint, f"{config.otlp_service_name}.server", config.rank
+    )
+    servicer = TextGenerationServicer(shard, tracing=tracing)
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -60,6 +64,7 @@ async def run_server(config: ServerConfig, shard: Shard, stop: asyncio.Event) ->
         await server.stop(SHUTDOWN_GRACE_S)
     finally:
         servicer.close()
+        tracing.shutdown()
         _remove_socket(config.socket_path)
 
 

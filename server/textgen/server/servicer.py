@@ -19,6 +19,7 @@ import grpc
 from textgen.proto import generate_pb2, generate_pb2_grpc
 from textgen.server.errors import InvalidRequestError, NotReadyError
 from textgen.server.shard import Shard
+from textgen.server.tracing import ShardTracing
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,14 @@ _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 
 
 class TextGenerationServicer(generate_pb2_grpc.TextGenerationServiceServicer):
-    def __init__(self, shard: Shard, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        executor: ThreadPoolExecutor | None = None,
+        tracing: ShardTracing | None = None,
+    ) -> None:
         self.shard = shard
+        self._tracing = tracing or ShardTracing.disabled()
         self._lock = asyncio.Lock()
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="textgen-forward")
 
@@ -62,10 +69,16 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         return await self._run(context, lambda: self.shard.warmup(request))
 
     async def Prefill(self, request, context) -> generate_pb2.PrefillResponse:
-        return await self._run(context, lambda: self.shard.prefill(request.batch))
+        with self._tracing.rpc("Prefill", context) as span:
+            reply = await self._run(context, lambda: self.shard.prefill(request.batch))
+            self._tracing.phases(span, reply)
+        return reply
 
     async def Decode(self, request, context) -> generate_pb2.DecodeResponse:
-        return await self._run(context, lambda: self.shard.decode(list(request.batches)))
+        with self._tracing.rpc("Decode", context) as span:
+            reply = await self._run(context, lambda: self.shard.decode(list(request.batches)))
+            self._tracing.phases(span, reply, reply.concat_ns)
+        return reply
 
     async def _run(self, context, work: Callable[[], T]) -> T:
         """Run `work` alone on the worker thread; map its errors to a status code."""
