@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -9,9 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from textgen.router.errors import OverloadedError, RouterError
+from textgen.router.generate_request import GenerateRequest, parse_request
 from textgen.router.queue import Queue
-from textgen.router.request import Entry, StreamEvent, TokenizerInfo
-from textgen.router.validation import Validation
+from textgen.router.request import Entry, StreamEvent, TokenizerInfo, ValidRequest
+from textgen.router.validation import Validation, random_seed
 
 logger = logging.getLogger("textgen.router.infer")
 
@@ -31,17 +33,39 @@ class Infer:
         self._request_ids = itertools.count()
         self.num_in_flight = 0
 
+    @property
+    def validation(self) -> Validation:
+        return self._validation
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._info.tokenizer
+
     async def submit(self, body: Any) -> Entry:
         """Validate and enqueue a request; the caller must `finish` the entry it gets."""
-        if self.num_in_flight >= self._max_concurrent:
+        return (await self.submit_all(body))[0]
+
+    async def submit_all(self, body: GenerateRequest | Any, stream: bool = False) -> list[Entry]:
+        """Validate and enqueue a request as `best_of` sequences (one unless best_of > 1).
+
+        Each sequence takes an admission slot, as each of TGI's best_of generations
+        takes a permit; the caller must `finish` every entry it gets.
+        """
+        received = time.monotonic()
+        request = body if isinstance(body, GenerateRequest) else parse_request(body)
+        num_sequences = self._validation.check_best_of(request, stream)
+        if self.num_in_flight + num_sequences > self._max_concurrent:
             raise OverloadedError()
-        self.num_in_flight += 1
+        self.num_in_flight += num_sequences
         try:
-            received = time.monotonic()
-            request = await self._validation.validate(body)
+            valid = await self._validation.validate(request)
         except BaseException:
-            self.num_in_flight -= 1
+            self.num_in_flight -= num_sequences
             raise
+        entries = [self._enqueue(_with_own_seed(valid, i), received) for i in range(num_sequences)]
+        return entries
+
+    def _enqueue(self, request: ValidRequest, received: float) -> Entry:
         entry = Entry(next(self._request_ids), request, self._info)
         entry.timings.received = received
         self._queue.append(entry)
@@ -63,6 +87,15 @@ class Infer:
             yield event
             if event.ending is not None:
                 return
+
+
+def _with_own_seed(request: ValidRequest, index: int) -> ValidRequest:
+    """best_of sequences differ by their seeds (validation forbids a given one)."""
+    if index == 0:
+        return request
+    return dataclasses.replace(
+        request, sampling=dataclasses.replace(request.sampling, seed=random_seed())
+    )
 
 
 def _log_completion(entry: Entry) -> None:
