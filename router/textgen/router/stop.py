@@ -27,9 +27,7 @@ class StopSequenceMatcher:
         # NOTE: a match lying wholly in the old tail would have ended the request already.
         window = self._tail + text
         self._tail = window[-self._keep :] if self._keep else ""
-        ends = [
-            (window.find(stop) + len(stop), stop) for stop in self._stops if stop in window
-        ]
+        ends = [(window.find(stop) + len(stop), stop) for stop in self._stops if stop in window]
         if not ends:
             return None
         end, stop = min(ends)
