@@ -46,7 +46,16 @@ def test_router_command_with_defaults() -> None:
         "--max-batch-prefill-tokens", "4145",
         "--max-concurrent-requests", "128", "--waiting-served-ratio", "0.3",
         "--max-waiting-tokens", "20", "--max-stop-sequences", "4",
+        "--max-top-n-tokens", "5", "--max-best-of", "2", "--payload-limit", "2000000",
     ]  # fmt: skip
+
+
+def test_router_accepts_the_tgi_limits_the_launcher_passes() -> None:
+    from textgen.router.main import parse_args
+
+    argv = make_commands(max_top_n_tokens=3, max_best_of=4, payload_limit=1000).router()
+    config = parse_args(argv[argv.index("--model-dir") :])
+    assert (config.max_top_n_tokens, config.max_best_of, config.payload_limit) == (3, 4, 1000)
 
 
 def test_router_command_with_optional_flags() -> None:

@@ -17,7 +17,7 @@ EOS = 0
 class CharTokenizer:
     """One token per character; id 0 is EOS."""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

@@ -114,3 +114,19 @@ def test_typical_p_keeps_at_least_one_token():
     logits = torch.tensor([[10.0, 0.0, 0.0, 0.0]])
     out = warp(logits, [SamplingParams(do_sample=True, typical_p=0.01)])
     assert not math.isinf(out.max().item())
+
+
+def test_min_new_tokens_masks_eos_until_enough_tokens_are_generated():
+    logits = torch.tensor([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0]])  # EOS (id 0) is the argmax
+    params = SamplingParams(min_new_tokens=2, eos_token_ids=(0,))
+    early = request(params, token_ids=[2, 1], prompt_len=1)  # 1 token generated so far
+    done = request(params, token_ids=[2, 1, 1], prompt_len=1)  # 2 generated: EOS allowed
+    output = sample(logits, [early, done])
+    assert output.next_ids == [1, 0]
+    assert math.isclose(output.logprobs[0], math.log(1 / (1 + math.exp(-1))), rel_tol=1e-5)
+
+
+def test_min_new_tokens_round_trips_through_the_proto():
+    proto = generate_pb2.SamplingParameters(min_new_tokens=3, eos_token_ids=[7, 9])
+    params = SamplingParams.from_proto(proto)
+    assert (params.min_new_tokens, params.eos_token_ids) == (3, (7, 9))

@@ -84,6 +84,9 @@ class TextgenCommands:
             "--waiting-served-ratio", str(c.waiting_served_ratio),
             "--max-waiting-tokens", str(c.max_waiting_tokens),
             "--max-stop-sequences", str(c.max_stop_sequences),
+            "--max-top-n-tokens", str(c.max_top_n_tokens),
+            "--max-best-of", str(c.max_best_of),
+            "--payload-limit", str(c.payload_limit),
         ]  # fmt: skip
         return argv + observability_flags(c)
 

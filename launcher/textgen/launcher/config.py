@@ -47,6 +47,9 @@ FLAG_HELP = {
     "waiting_served_ratio": "waiting/running ratio that triggers a prefill",
     "max_waiting_tokens": "decode steps a waiting request may be postponed",
     "max_stop_sequences": "stop sequences per request",
+    "max_top_n_tokens": "largest top_n_tokens a request may ask for",
+    "max_best_of": "largest best_of a request may ask for (1 turns best_of off)",
+    "payload_limit": "largest request body in bytes (larger ones get 413)",
     "dtype": "default: float32 on CPU, bfloat16 on CUDA",
     "shard_uds_path": "shard r listens on unix://{path}-{r}",
     "kv_cache_memory_gib": "memory each shard gives its paged KV cache",
@@ -76,6 +79,9 @@ class LauncherConfig:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_best_of: int = 2
+    payload_limit: int = 2_000_000
     dtype: str | None = None
     shard_uds_path: str = "/tmp/textgen-server"
     kv_cache_memory_gib: float = 1.0
@@ -105,6 +111,7 @@ class LauncherConfig:
         names = (
             "max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens",
             "max_batch_total_tokens", "max_batch_size", "max_concurrent_requests",
+            "max_best_of", "payload_limit",
         )  # fmt: skip
         for name in names:
             value = getattr(self, name)
@@ -112,6 +119,8 @@ class LauncherConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.max_waiting_tokens < 0 or self.max_stop_sequences < 0:
             raise ConfigError("--max-waiting-tokens and --max-stop-sequences must be >= 0")
+        if self.max_top_n_tokens < 0:
+            raise ConfigError("--max-top-n-tokens must be >= 0")
 
     def _check_given_limits(self) -> None:
         # Limits given on the command line are checked before the (slow) model

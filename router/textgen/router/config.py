@@ -27,6 +27,10 @@ class RouterConfig:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    """Largest `top_n_tokens` a request may ask for (TGI's default)."""
+    max_best_of: int = 2
+    """Largest `best_of` (TGI's default); 1 turns best_of off."""
     max_new_tokens_default: int = 1024
     """max_new_tokens when a request gives none (TGI's default), capped by max_total_tokens."""
     payload_limit: int = 2_000_000
@@ -46,5 +50,7 @@ class RouterConfig:
             raise ValueError("max_concurrent_requests must be >= 1")
         if self.waiting_served_ratio < 0.0:
             raise ValueError("waiting_served_ratio must be >= 0")
+        if self.max_best_of < 1 or self.max_top_n_tokens < 0:
+            raise ValueError("max_best_of must be >= 1 and max_top_n_tokens >= 0")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")

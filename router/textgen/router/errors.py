@@ -16,9 +16,19 @@ class RouterError(Exception):
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type}
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
 
 class ValidationError(RouterError):
     status = 422
+    error_type = "validation"
+
+
+class JsonSyntaxError(RouterError):
+    """The body is not JSON (TGI's JSON extractor answers 400)."""
+
+    status = 400
     error_type = "validation"
 
 
@@ -33,6 +43,9 @@ class OverloadedError(RouterError):
 
     def __init__(self) -> None:
         super().__init__("Model is overloaded")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class GenerationError(RouterError):

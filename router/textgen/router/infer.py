@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 from textgen.router.errors import OverloadedError, RouterError, ValidationError
+from textgen.router.generate_request import GenerateRequest, parse_request
 from textgen.router.logs import log_completion, log_rejection
 from textgen.router.queue import Queue
-from textgen.router.request import Entry, StreamEvent, TokenizerInfo
+from textgen.router.request import Entry, StreamEvent, TokenizerInfo, ValidRequest
 from textgen.router.telemetry import RouterMetrics
 from textgen.router.tracing import RouterTracing
-from textgen.router.validation import Validation
+from textgen.router.validation import Validation, random_seed
 
 
 class Infer:
@@ -35,23 +37,47 @@ class Infer:
         self._metrics = metrics or RouterMetrics.standalone()
         self._tracing = tracing or RouterTracing.disabled()
 
+    @property
+    def validation(self) -> Validation:
+        return self._validation
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._info.tokenizer
+
     async def submit(self, body: Any) -> Entry:
         """Validate and enqueue a request; the caller must `finish` the entry it gets."""
+        return (await self.submit_all(body))[0]
+
+    async def submit_all(self, body: GenerateRequest | Any, stream: bool = False) -> list[Entry]:
+        """Validate and enqueue a request as `best_of` sequences (one unless best_of > 1).
+
+        Each sequence takes an admission slot, as each of TGI's best_of generations
+        takes a permit; the caller must `finish` every entry it gets.
+        """
         self._metrics.request_received()
-        if self.num_in_flight >= self._max_concurrent:
-            self._reject(OverloadedError(), "overloaded")
-        self.num_in_flight += 1
+        received = time.monotonic()
         try:
-            received = time.monotonic()
-            with self._tracing.span("validation"):
-                request = await self._validation.validate(body)
+            request = body if isinstance(body, GenerateRequest) else parse_request(body)
+            num_sequences = self._validation.check_best_of(request, stream)
         except ValidationError as error:
-            self.num_in_flight -= 1
+            self._reject(error, "validation")
+        if self.num_in_flight + num_sequences > self._max_concurrent:
+            self._reject(OverloadedError(), "overloaded")
+        self.num_in_flight += num_sequences
+        try:
+            with self._tracing.span("validation"):
+                valid = await self._validation.validate(request)
+        except ValidationError as error:
+            self.num_in_flight -= num_sequences
             self._reject(error, "validation")
         except BaseException:
-            self.num_in_flight -= 1
+            self.num_in_flight -= num_sequences
             raise
-        self._metrics.request_validated(request)
+        self._metrics.request_validated(valid)
+        return [self._enqueue(_with_own_seed(valid, i), received) for i in range(num_sequences)]
+
+    def _enqueue(self, request: ValidRequest, received: float) -> Entry:
         entry = Entry(next(self._request_ids), request, self._info)
         entry.timings.received = received
         self._tracing.adopt(entry)
@@ -81,3 +107,12 @@ class Infer:
             yield event
             if event.ending is not None:
                 return
+
+
+def _with_own_seed(request: ValidRequest, index: int) -> ValidRequest:
+    """best_of sequences differ by their seeds (validation forbids a given one)."""
+    if index == 0:
+        return request
+    return dataclasses.replace(
+        request, sampling=dataclasses.replace(request.sampling, seed=random_seed())
+    )

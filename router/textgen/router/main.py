@@ -112,12 +112,16 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
     )
     tokenizer = load_tokenizer(config.model_dir)
     validation = Validation(
-        lambda text: tokenizer.tokenizer(text)["input_ids"],
+        lambda text, add_special_tokens=True: tokenizer.tokenizer(
+            text, add_special_tokens=add_special_tokens
+        )["input_ids"],
         ValidationLimits(
             max_input_tokens=config.max_input_tokens,
             max_total_tokens=config.max_total_tokens,
             max_stop_sequences=config.max_stop_sequences,
+            max_top_n_tokens=config.max_top_n_tokens,
             max_new_tokens_default=config.max_new_tokens_default,
+            max_best_of=config.max_best_of,
         ),
     )
     infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests, metrics, tracing)
@@ -154,7 +158,7 @@ def _info(config: RouterConfig, shard: pb.InfoResponse, max_batch_total_tokens: 
         "model_dtype": shard.dtype,
         "model_device_type": shard.device_type,
         "max_concurrent_requests": config.max_concurrent_requests,
-        "max_best_of": 1,
+        "max_best_of": config.max_best_of,
         "max_stop_sequences": config.max_stop_sequences,
         "max_input_tokens": config.max_input_tokens,
         "max_total_tokens": config.max_total_tokens,

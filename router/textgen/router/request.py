@@ -9,12 +9,18 @@ from typing import Literal
 
 from opentelemetry.trace import INVALID_SPAN, Span
 
+from textgen.proto import generate_pb2 as pb
 from textgen.router.allocator import BlockAllocation
 from textgen.router.detokenizer import IncrementalDetokenizer, Tokenizer
 from textgen.router.errors import RouterError
 from textgen.router.stop import StopSequenceMatcher
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+# TGI's watermark defaults (--watermark-gamma/--watermark-delta) and its hash key.
+WATERMARK_GAMMA = 0.5
+WATERMARK_DELTA = 2.0
+WATERMARK_KEY = 15485863
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,8 @@ class SamplingParams:
     seed: int = 0
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_p: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,8 @@ class StoppingParams:
     max_new_tokens: int
     stop_sequences: tuple[str, ...] = ()
     ignore_eos_token: bool = False
+    min_new_tokens: int = 0
+    """EOS is masked on the shard and stop sequences are not matched before this many tokens."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +58,39 @@ class ValidRequest:
     decoder_input_details: bool = False
     top_n_tokens: int = 0
     seed_was_given: bool = False
+    best_of: int = 1
+    return_full_text: bool = False
+    watermark: bool = False
+    adapter_id: str | None = None
+    """Accepted as TGI does; with no adapters loaded every id falls back to the base model."""
 
     @property
     def input_len(self) -> int:
         return len(self.input_ids)
+
+    def sampling_proto(self, eos_token_ids: frozenset[int]) -> pb.SamplingParameters:
+        sampling, stopping = self.sampling, self.stopping
+        return pb.SamplingParameters(
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            typical_p=sampling.typical_p,
+            min_p=sampling.min_p,
+            do_sample=sampling.do_sample,
+            seed=sampling.seed,
+            repetition_penalty=sampling.repetition_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
+            min_new_tokens=stopping.min_new_tokens,
+            eos_token_ids=sorted(eos_token_ids) if stopping.min_new_tokens else [],
+        )
+
+    def watermark_proto(self) -> pb.WatermarkParameters | None:
+        if not self.watermark:
+            return None
+        return pb.WatermarkParameters(
+            key=WATERMARK_KEY, gamma=WATERMARK_GAMMA, delta=WATERMARK_DELTA
+        )
 
     @property
     def max_total_tokens(self) -> int:
@@ -77,6 +116,8 @@ class Ending:
     seed: int | None
     prefill: tuple[Token, ...]
     input_length: int
+    stop_sequence: str | None = None
+    """The stop sequence that ended the request; `generated_text` ends with it, as in TGI."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +170,7 @@ class Entry:
         self._detokenizer = IncrementalDetokenizer(info.tokenizer, list(request.input_ids))
         self._stop = StopSequenceMatcher(request.stopping.stop_sequences)
         self._prefill: tuple[Token, ...] = ()
+        self._matched_stop: str | None = None
         self.span: Span = INVALID_SPAN
         """The request's tracing span (a non-recording one when tracing is off)."""
 
@@ -153,6 +195,8 @@ class Entry:
         if not token.special:
             self._text_parts.append(token.text)
         finish_reason = self._finish_reason(token)
+        if finish_reason != "stop_sequence":
+            self._matched_stop = None
         ending = None
         if finish_reason is not None:
             self.finished = True
@@ -177,11 +221,21 @@ class Entry:
         stopping = self.request.stopping
         if token.id in self.info.eos_token_ids and not stopping.ignore_eos_token:
             return "eos_token"
-        if self._stop.feed(token.text) is not None:
+        if self.num_generated >= stopping.min_new_tokens and self._stopped_by_sequence(token):
             return "stop_sequence"
         if self.num_generated >= stopping.max_new_tokens:
             return "length"
         return None
+
+    def _stopped_by_sequence(self, token: Token) -> bool:
+        match = self._stop.match(token.text)
+        if match is None:
+            return False
+        self._matched_stop, excess = match
+        if excess and not token.special:
+            # The stop ended inside this token: the text ends with the stop, as TGI's does.
+            self._text_parts[-1] = self._text_parts[-1][: len(self._text_parts[-1]) - excess]
+        return True
 
     def _ending(self, finish_reason: FinishReason) -> Ending:
         sampling = self.request.sampling
@@ -192,4 +246,5 @@ class Entry:
             seed=sampling.seed if sampling.do_sample else None,
             prefill=self._prefill,
             input_length=self.request.input_len,
+            stop_sequence=self._matched_stop,
         )

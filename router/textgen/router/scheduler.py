@@ -223,26 +223,17 @@ class Scheduler:
 
 def _to_proto(entry: Entry) -> pb.Request:
     request = entry.request
-    sampling = request.sampling
     assert entry.allocation is not None, "the queue allocates blocks before batching"
     return pb.Request(
         id=entry.id,
         input_ids=request.input_ids,
-        parameters=pb.SamplingParameters(
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            typical_p=sampling.typical_p,
-            do_sample=sampling.do_sample,
-            seed=sampling.seed,
-            repetition_penalty=sampling.repetition_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-        ),
+        parameters=request.sampling_proto(entry.info.eos_token_ids),
         top_n_tokens=request.top_n_tokens,
         blocks=entry.allocation.blocks,
         slots=entry.allocation.slots(request.input_len),
         prefill_logprobs=request.decoder_input_details,
         max_new_tokens=request.stopping.max_new_tokens,
+        watermark=request.watermark_proto(),
     )
 
 

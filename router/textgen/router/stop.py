@@ -16,9 +16,19 @@ class StopSequenceMatcher:
 
     def feed(self, text: str) -> str | None:
         """Add newly decoded text; return the stop sequence it completes, if any."""
+        match = self.match(text)
+        return None if match is None else match[0]
+
+    def match(self, text: str) -> tuple[str, int] | None:
+        """Add newly decoded text; return the stop it completes first and how many of
+        `text`'s characters lie past the end of that stop."""
         if not self._stops or not text:
             return None
         # NOTE: a match lying wholly in the old tail would have ended the request already.
         window = self._tail + text
         self._tail = window[-self._keep :] if self._keep else ""
-        return next((stop for stop in self._stops if stop in window), None)
+        ends = [(window.find(stop) + len(stop), stop) for stop in self._stops if stop in window]
+        if not ends:
+            return None
+        end, stop = min(ends)
+        return stop, len(window) - end

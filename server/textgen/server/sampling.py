@@ -2,6 +2,7 @@
 
 Pipeline, in TGI's order, each stage skipped for requests at its neutral value:
 
+    min_new_tokens: EOS ids get -inf until enough tokens are generated
     repetition penalty (all tokens so far, HF semantics)
     frequency / presence penalties (generated tokens, OpenAI semantics)
     temperature                      <- chosen-token logprobs are taken here
@@ -33,6 +34,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    min_new_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.repetition_penalty <= 0:
@@ -54,6 +57,8 @@ class SamplingParams:
             repetition_penalty=params.repetition_penalty or 1.0,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
+            min_new_tokens=params.min_new_tokens,
+            eos_token_ids=tuple(params.eos_token_ids),
         )
 
     def make_generator(self) -> torch.Generator:
@@ -86,6 +91,7 @@ class SamplingOutput:
 def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOutput:
     """Choose one token per request from its next-token logits [B, V] (float32)."""
     params = [r.params for r in requests]
+    logits = apply_min_new_tokens(logits, requests)
     logits = apply_repetition_penalty(logits, requests)
     logits = apply_frequency_presence_penalties(logits, requests)
     logits = logits / _column(params, "temperature", logits)  # [B, V]
@@ -94,6 +100,22 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
     top_ids, top_logprobs = _top_tokens(logprobs, [r.top_n_tokens for r in requests])
     return SamplingOutput(next_ids.tolist(), chosen.tolist(), top_ids, top_logprobs)
+
+
+def apply_min_new_tokens(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """HF MinNewTokensLengthLogitsProcessor: no EOS before `min_new_tokens` generated tokens."""
+    rows = [
+        (b, r.params.eos_token_ids)
+        for b, r in enumerate(requests)
+        if r.params.eos_token_ids and len(r.generated_ids) < r.params.min_new_tokens
+    ]
+    if not rows:
+        return logits
+    vocab_size = logits.shape[-1]
+    logits = logits.clone()
+    for b, eos_ids in rows:
+        logits[b, [t for t in eos_ids if t < vocab_size]] = -float("inf")
+    return logits
 
 
 def apply_repetition_penalty(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:

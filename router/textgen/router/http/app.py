@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -18,13 +18,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from textgen.router.best_of import pick_best
 from textgen.router.client import ShardClient
 from textgen.router.errors import PayloadTooLargeError, RouterError, UnhealthyError, ValidationError
-from textgen.router.http.responses import generate_json, sse, stream_json
+from textgen.router.generate_request import GenerateRequest, loads, parse_request
+from textgen.router.http.responses import generate_json, sse, stream_json, tokenize_json
 from textgen.router.infer import Infer
 from textgen.router.metrics import render
-from textgen.router.request import Entry
+from textgen.router.request import Entry, StreamEvent
 from textgen.router.scheduler import Scheduler
+from textgen.router.tokenize import token_spans
 
 # A step that succeeded this recently proves the shards healthy without asking them.
 _HEALTHY_STEP_AGE_S = 5.0
@@ -41,10 +44,12 @@ class RouterState:
     info: dict[str, Any]
     payload_limit: int
     registry: CollectorRegistry | None = None
+    compat_return_full_text: bool = True
+    """`POST /`'s default for return_full_text: TGI's is true for text-generation models."""
 
 
 def error_response(error: RouterError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -56,10 +61,7 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLargeError(f"Request body is larger than {limit} bytes")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValidationError(f"Failed to parse the request body as JSON: {error}") from error
+    return loads(bytes(body))
 
 
 def _state(request: Request) -> RouterState:
@@ -80,32 +82,73 @@ async def compat_generate(request: Request) -> Response:
 
 
 async def _handle(request: Request, stream: bool | None) -> Response:
-    """Admit a request and answer it; `stream=None` reads the choice from the body (`/`)."""
+    """Admit a request and answer it; `stream=None` reads the choice from the body (`/`).
+
+    As TGI: a body that is not a GenerateRequest is an HTTP error on every route,
+    but on a stream a request that fails validation gets a 200 stream holding one
+    error event. Overload stays an HTTP 429 with Retry-After on every route.
+    """
     state = _state(request)
     try:
-        body = await read_json(request, state.payload_limit)
-        entry = await state.infer.submit(body)
+        parsed = parse_request(await read_json(request, state.payload_limit))
     except RouterError as error:
         return error_response(error)
     as_list = stream is None
     if stream is None:
-        stream = bool(body.get("stream"))  # validation admitted it: body is an object
-    if stream:
-        return EventStream(state.infer, entry)
-    return await _complete(request, state.infer, entry, as_list)
-
-
-async def _complete(request: Request, infer: Infer, entry: Entry, as_list: bool) -> Response:
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, entry))
+        parsed = _compat_defaults(parsed, state.compat_return_full_text)
+        stream = parsed.stream
     try:
-        events = [event async for event in infer.events(entry)]
+        entries = await state.infer.submit_all(parsed, stream=stream)
+    except ValidationError as error:
+        return ErrorEventStream(error) if stream else error_response(error)
+    except RouterError as error:
+        return error_response(error)
+    if stream:
+        return EventStream(state.infer, entries[0])
+    return await _complete(request, state.infer, entries, as_list)
+
+
+def _compat_defaults(parsed: GenerateRequest, return_full_text: bool) -> GenerateRequest:
+    if parsed.parameters.return_full_text is not None:
+        return parsed
+    parameters = dataclasses.replace(parsed.parameters, return_full_text=return_full_text)
+    return dataclasses.replace(parsed, parameters=parameters)
+
+
+async def _complete(
+    request: Request, infer: Infer, entries: list[Entry], as_list: bool
+) -> Response:
+    """Wait for every sequence of the request; answer with the best (one unless best_of)."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, entries))
+    try:
+        sequences = await asyncio.gather(*(_collect(infer, entry) for entry in entries))
     except RouterError as error:
         return error_response(error)
     finally:
         watcher.cancel()
-        infer.finish(entry)
-    body = generate_json(events, entry.request.details, entry.request.top_n_tokens)
-    return JSONResponse([body] if as_list else body, headers=_timing_headers(entry))
+        for entry in entries:
+            infer.finish(entry)
+    best = pick_best(sequences)
+    others = [events for i, events in enumerate(sequences) if i != best]
+    body = generate_json(entries[best].request, sequences[best], others)
+    return JSONResponse([body] if as_list else body, headers=_timing_headers(entries[best]))
+
+
+async def _collect(infer: Infer, entry: Entry) -> list[StreamEvent]:
+    return [event async for event in infer.events(entry)]
+
+
+class ErrorEventStream(StreamingResponse):
+    """A stream that fails validation: status 200 and one error event, as TGI answers."""
+
+    def __init__(self, error: RouterError) -> None:
+        super().__init__(
+            _one_event(error), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+
+async def _one_event(error: RouterError) -> AsyncIterator[bytes]:
+    yield sse(error.body())
 
 
 class EventStream(StreamingResponse):
@@ -135,21 +178,21 @@ class EventStream(StreamingResponse):
 
 
 async def _events(infer: Infer, entry: Entry) -> AsyncIterator[bytes]:
-    details = entry.request.details
     index = 0
     try:
         async for event in infer.events(entry):
             index += 1
-            yield sse(stream_json(event, index, details))
+            yield sse(stream_json(event, index, entry.request))
     except RouterError as error:
         yield sse(error.body())
 
 
-async def _cancel_on_disconnect(request: Request, entry: Entry) -> None:
+async def _cancel_on_disconnect(request: Request, entries: list[Entry]) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            entry.cancel()
+            for entry in entries:
+                entry.cancel()
             return
 
 
@@ -179,6 +222,20 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
+async def tokenize(request: Request) -> Response:
+    """TGI's `/tokenize`: the tokens of `inputs` with their character spans."""
+    state = _state(request)
+    try:
+        parsed = parse_request(await read_json(request, state.payload_limit))
+    except RouterError as error:
+        return error_response(error)
+    tokenizer = state.infer.tokenizer
+    ids, texts, offsets = await asyncio.to_thread(
+        token_spans, tokenizer, parsed.inputs, parsed.add_special_tokens
+    )
+    return JSONResponse(tokenize_json(ids, texts, offsets))
+
+
 async def info(request: Request) -> Response:
     return JSONResponse(_state(request).info)
 
@@ -198,6 +255,7 @@ def build_app(
         Route("/generate_stream", generate_stream, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
