@@ -31,6 +31,10 @@ class Infer:
         self._request_ids = itertools.count()
         self.num_in_flight = 0
 
+    @property
+    def tokenizer_info(self) -> TokenizerInfo:
+        return self._info
+
     async def submit(self, body: Any) -> Entry:
         """Validate and enqueue a request; the caller must `finish` the entry it gets."""
         if self.num_in_flight >= self._max_concurrent:

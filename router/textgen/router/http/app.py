@@ -200,4 +200,7 @@ def build_app(
         Route("/info", info, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+    from textgen.router.http.openai import openai_routes  # it imports this module
+
+    routes += openai_routes()
     return Starlette(routes=routes, lifespan=lifespan)
