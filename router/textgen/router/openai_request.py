@@ -29,8 +29,8 @@ class GrammarNotEnabledError(ValidationError):
 
     def __init__(self, param: str) -> None:
         super().__init__(
-            f"`{param}` needs grammar guidance, which is not enabled on this server yet: "
-            "the output could not be constrained as asked"
+            f"`{param}` cannot be honoured: grammar guidance is not enabled on this server "
+            "yet, so the output could not be constrained as asked"
         )
         self.param = param
 
