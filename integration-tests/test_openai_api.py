@@ -194,6 +194,25 @@ def test_n_choices_and_seed_reproducibility(client):
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
+def test_logit_bias_steers_the_greedy_choice(client, tokenizer, reference):
+    def first_token(logit_bias: dict[str, float]) -> str:
+        response = client.chat.completions.create(
+            model="m",
+            messages=CHATS[0],
+            temperature=0,
+            max_tokens=1,
+            logprobs=True,
+            logit_bias=logit_bias,
+        )
+        return response.choices[0].logprobs.content[0].token
+
+    greedy = reference[0][0]
+    assert first_token({}) == tokenizer.decode([greedy])
+    assert first_token({str(greedy): -100}) != tokenizer.decode([greedy])
+    target = tokenizer.encode(" banana")[0]
+    assert first_token({str(target): 100}) == tokenizer.decode([target])
+
+
 def test_stop_and_max_tokens(client, tokenizer, reference):
     full = tokenizer.decode(reference[0], skip_special_tokens=True)
     stop = full.split()[2]  # a word in the middle of the greedy answer

@@ -27,6 +27,9 @@ class ChatCharTokenizer(CharTokenizer):
     def __init__(self, chat_template: str | None = "{{ contents }}") -> None:
         self.chat_template = chat_template
 
+    def __len__(self) -> int:
+        return 128  # ASCII
+
     def apply_chat_template(self, conversation, tools=None, **kwargs):
         assert kwargs == {"add_generation_prompt": True, "tokenize": False}
         return "".join(message["content"] for message in conversation)
@@ -201,7 +204,8 @@ async def test_completions_stream_with_logprobs_offsets():
         (chat(response_format={"type": "xml"}), 400, "response_format", "'json_schema'"),
         (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 422, "tools", "grammar"),
         (chat(tool_choice="required"), 400, "tool_choice", "needs `tools`"),
-        (chat(logit_bias={"5": 10}), 422, "logit_bias", "not supported"),
+        (chat(logit_bias={"500": 10}), 400, "logit_bias", "not a token id"),
+        (chat(logit_bias={"5": 101}), 400, "logit_bias", "<= 100"),
         (
             chat(
                 tools=[{"type": "function", "function": {"name": "f"}}],
@@ -223,6 +227,21 @@ async def test_bad_requests_get_openai_error_bodies(request_body, status, param,
         assert error["param"] == param
         assert message in error["message"]
         assert state.infer.num_in_flight == 0
+
+
+async def test_logit_bias_reaches_the_shard():
+    async with router() as (client, _, shard):
+        sent = []
+        prefill = shard.prefill
+
+        async def recording_prefill(batch):
+            sent.extend(dict(r.parameters.logit_bias) for r in batch.requests)
+            return await prefill(batch)
+
+        shard.prefill = recording_prefill
+        request = chat(max_tokens=2, logit_bias={"72": -100, "7": 2.5})
+        assert (await client.post("/v1/chat/completions", json=request)).status_code == 200
+    assert sent == [{7: 2.5, 72: -100.0}]
 
 
 async def test_tool_choice_none_renders_without_grammar():

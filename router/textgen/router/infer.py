@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -35,14 +36,19 @@ class Infer:
     def tokenizer_info(self) -> TokenizerInfo:
         return self._info
 
-    async def submit(self, body: Any) -> Entry:
-        """Validate and enqueue a request; the caller must `finish` the entry it gets."""
+    async def submit(self, body: Any, logit_bias: tuple[tuple[int, float], ...] = ()) -> Entry:
+        """Validate and enqueue a request; the caller must `finish` the entry it gets.
+
+        `logit_bias` (checked by the caller) is what a TGI body cannot say.
+        """
         if self.num_in_flight >= self._max_concurrent:
             raise OverloadedError()
         self.num_in_flight += 1
         try:
             received = time.monotonic()
             request = await self._validation.validate(body)
+            if logit_bias:
+                request = dataclasses.replace(request, logit_bias=logit_bias)
         except BaseException:
             self.num_in_flight -= 1
             raise

@@ -35,12 +35,6 @@ class GrammarNotEnabledError(ValidationError):
         self.param = param
 
 
-class LogitBiasNotSupportedError(ValidationError):
-    def __init__(self) -> None:
-        super().__init__("`logit_bias` is not supported yet; send it empty or leave it out")
-        self.param = "logit_bias"
-
-
 @dataclass(frozen=True)
 class Plan:
     """One OpenAI request: a TGI body per choice, in choice order, and the answer's options."""
@@ -54,9 +48,10 @@ class Plan:
     """None: no logprobs; else how many alternatives per token (0 allowed)."""
     echo: bool = False
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
-def chat_plan(body: Any, template: ChatTemplate) -> Plan:
+def chat_plan(body: Any, template: ChatTemplate, vocab_size: int) -> Plan:
     body = _object(body)
     tools, tools_need_grammar = _tools(body)
     format_needs_grammar = _response_format(body.get("response_format"))
@@ -65,7 +60,8 @@ def chat_plan(body: Any, template: ChatTemplate) -> Plan:
         logprobs = _bounded(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
     elif body.get("top_logprobs") is not None:
         raise ChatError("`top_logprobs` needs `logprobs` set to true", "top_logprobs")
-    plan = _plan(body, [template.render(body.get("messages"), tools)], logprobs, echo=False)
+    prompt = template.render(body.get("messages"), tools)
+    plan = _plan(body, [prompt], logprobs, echo=False, vocab_size=vocab_size)
     # Refused only once the whole request is known to be well formed.
     if tools_need_grammar:
         raise GrammarNotEnabledError("tools")
@@ -74,24 +70,25 @@ def chat_plan(body: Any, template: ChatTemplate) -> Plan:
     return plan
 
 
-def completion_plan(body: Any) -> Plan:
+def completion_plan(body: Any, vocab_size: int) -> Plan:
     body = _object(body)
     if body.get("suffix"):
         raise ChatError("`suffix` is not supported", "suffix")
     logprobs = body.get("logprobs")
     if logprobs is not None:
         logprobs = _bounded(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, 0)
-    return _plan(body, _prompts(body.get("prompt")), logprobs, _get(body, "echo", bool, False))
+    echo = _get(body, "echo", bool, False)
+    return _plan(body, _prompts(body.get("prompt")), logprobs, echo, vocab_size)
 
 
-def _plan(body: dict[str, Any], prompts: list[str], logprobs: int | None, echo: bool) -> Plan:
+def _plan(
+    body: dict[str, Any], prompts: list[str], logprobs: int | None, echo: bool, vocab_size: int
+) -> Plan:
     n = _bounded(body, "n", 1, MAX_CHOICES, 1)
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise ChatError("`best_of` other than `n` is not supported", "best_of")
-    if body.get("logit_bias"):
-        _logit_bias(body["logit_bias"])
-        raise LogitBiasNotSupportedError()
+    logit_bias = _logit_bias(body.get("logit_bias"), vocab_size)
     stream = _get(body, "stream", bool, False)
     include_usage = _stream_options(body, stream)
     parameters = _parameters(body, logprobs, echo)
@@ -113,6 +110,7 @@ def _plan(body: dict[str, Any], prompts: list[str], logprobs: int | None, echo: 
         logprobs=logprobs,
         echo=echo,
         stop=tuple(parameters["stop"]),
+        logit_bias=logit_bias,
     )
 
 
@@ -220,16 +218,25 @@ def _prompts(prompt: Any) -> list[str]:
     return prompts
 
 
-def _logit_bias(bias: Any) -> None:
+def _logit_bias(bias: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}` as sorted (id, bias) pairs, ids below `vocab_size`."""
+    if bias is None:
+        return ()
     if not isinstance(bias, dict):
         raise ChatError("`logit_bias` must be an object of token id -> bias", "logit_bias")
+    pairs = []
     for token, value in bias.items():
-        if not token.lstrip("-").isdigit() or int(token) < 0:
-            raise ChatError(f"`logit_bias` key {token!r} is not a token id", "logit_bias")
+        if not token.isdigit() or int(token) >= vocab_size:
+            raise ChatError(
+                f"`logit_bias` key {token!r} is not a token id (0 to {vocab_size - 1})",
+                "logit_bias",
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ChatError("`logit_bias` values must be numbers", "logit_bias")
         if not -100 <= value <= 100:
             raise ChatError("`logit_bias` values must be >= -100 and <= 100", "logit_bias")
+        pairs.append((int(token), float(value)))
+    return tuple(sorted(pairs))
 
 
 def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, bool]:

@@ -46,6 +46,8 @@ class ValidRequest:
     decoder_input_details: bool = False
     top_n_tokens: int = 0
     seed_was_given: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (OpenAI's logit_bias; not a TGI parameter)."""
 
     @property
     def input_len(self) -> int:

@@ -193,7 +193,7 @@ def _to_proto(entry: Entry) -> pb.Request:
     request = entry.request
     sampling = request.sampling
     assert entry.allocation is not None, "the queue allocates blocks before batching"
-    return pb.Request(
+    message = pb.Request(
         id=entry.id,
         input_ids=request.input_ids,
         parameters=pb.SamplingParameters(
@@ -212,6 +212,8 @@ def _to_proto(entry: Entry) -> pb.Request:
         prefill_logprobs=request.decoder_input_details,
         max_new_tokens=request.stopping.max_new_tokens,
     )
+    message.parameters.logit_bias.update(request.logit_bias)
+    return message
 
 
 def _deliver(entry: Entry, generation: pb.Generation) -> None:

@@ -2,6 +2,7 @@
 
 Pipeline, in TGI's order, each stage skipped for requests at its neutral value:
 
+    logit bias (OpenAI's, per token id)
     repetition penalty (all tokens so far, HF semantics)
     frequency / presence penalties (generated tokens, OpenAI semantics)
     temperature                      <- chosen-token logprobs are taken here
@@ -33,6 +34,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.repetition_penalty <= 0:
@@ -54,6 +56,7 @@ class SamplingParams:
             repetition_penalty=params.repetition_penalty or 1.0,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
+            logit_bias=tuple(sorted(params.logit_bias.items())),
         )
 
     def make_generator(self) -> torch.Generator:
@@ -86,6 +89,7 @@ class SamplingOutput:
 def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOutput:
     """Choose one token per request from its next-token logits [B, V] (float32)."""
     params = [r.params for r in requests]
+    logits = apply_logit_bias(logits, requests)
     logits = apply_repetition_penalty(logits, requests)
     logits = apply_frequency_presence_penalties(logits, requests)
     logits = logits / _column(params, "temperature", logits)  # [B, V]
@@ -94,6 +98,24 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
     top_ids, top_logprobs = _top_tokens(logprobs, [r.top_n_tokens for r in requests])
     return SamplingOutput(next_ids.tolist(), chosen.tolist(), top_ids, top_logprobs)
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """OpenAI: add each request's bias to the logits of its token ids. [B, V]"""
+    vocab_size = logits.shape[-1]
+    # NOTE: the router checks ids against the tokenizer; ids past the logits are ignored.
+    pairs = [
+        (row, token_id, bias)
+        for row, r in enumerate(requests)
+        for token_id, bias in r.params.logit_bias
+        if token_id < vocab_size
+    ]
+    if not pairs:
+        return logits
+    rows, cols, biases = zip(*pairs, strict=True)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    values = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+    return logits.index_put(index, values, accumulate=True)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:

@@ -123,7 +123,8 @@ class _Chat(_Format):
     names = _CHAT_NAMES
 
     def plan(self, body: Any, state: RouterState) -> Plan:
-        return chat_plan(body, ChatTemplate(state.infer.tokenizer_info.tokenizer))  # type: ignore[arg-type]
+        tokenizer = state.infer.tokenizer_info.tokenizer
+        return chat_plan(body, ChatTemplate(tokenizer), _vocab_size(tokenizer))  # type: ignore[arg-type]
 
     def choice_json(self, choice: Choice, plan: Plan) -> dict[str, Any]:
         assert choice.ending is not None
@@ -162,7 +163,7 @@ class _Completion(_Format):
     names = _COMPLETION_NAMES
 
     def plan(self, body: Any, state: RouterState) -> Plan:
-        return completion_plan(body)
+        return completion_plan(body, _vocab_size(state.infer.tokenizer_info.tokenizer))
 
     def choice_json(self, choice: Choice, plan: Plan) -> dict[str, Any]:
         assert choice.ending is not None
@@ -195,6 +196,11 @@ class _Completion(_Format):
         return completion_logprobs([event.token], [event.top_tokens], offset)
 
 
+def _vocab_size(tokenizer: Any) -> int:
+    """Token ids the tokenizer knows (added tokens included): what `logit_bias` may name."""
+    return len(tokenizer)
+
+
 def _chunk_choice(
     index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -214,7 +220,7 @@ async def _serve(request: Request, fmt: _Format) -> Response:
     try:
         body = await read_json(request, state.payload_limit)
         plan = fmt.plan(body, state)
-        entries = await _submit_all(state.infer, plan.bodies)
+        entries = await _submit_all(state.infer, plan)
     except RouterError as error:
         return openai_error(error, fmt.names)
     info = state.info
@@ -230,12 +236,12 @@ def _fingerprint(info: dict[str, Any]) -> str:
     return f"{info.get('version', '')}-{info.get('docker_label') or 'native'}"
 
 
-async def _submit_all(infer: Infer, bodies: tuple[dict[str, Any], ...]) -> list[Entry]:
+async def _submit_all(infer: Infer, plan: Plan) -> list[Entry]:
     """Admit every choice or none: a refusal finishes the ones already admitted."""
     entries: list[Entry] = []
     try:
-        for body in bodies:
-            entries.append(await infer.submit(body))
+        for body in plan.bodies:
+            entries.append(await infer.submit(body, plan.logit_bias))
     except BaseException:
         for entry in entries:
             infer.finish(entry)
