@@ -174,11 +174,13 @@ async def test_chat_logprobs_with_top_logprobs():
 
 async def test_completions_with_prompt_list_and_echo():
     async with router() as (client, _, _):
-        request = {"model": "m", "prompt": ["Hi", "So"], "max_tokens": 3, "echo": True}
+        request = {"prompt": ["Hi", "So", "Hi"], "max_tokens": 3, "echo": True, "n": 2}
         body = (await client.post("/v1/completions", json=request)).json()
     assert body["object"] == "text_completion"
-    assert [c["text"] for c in body["choices"]] == ["HiHel", "Soone"]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+    texts = [c["text"] for c in body["choices"]]
+    assert texts == ["HiHel", "HiHel", "Soone", "Soone", "HiHel", "HiHel"]
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 18, "total_tokens": 24}
 
 
 async def test_completions_stream_with_logprobs_offsets():

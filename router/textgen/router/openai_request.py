@@ -42,6 +42,8 @@ class Plan:
     bodies: tuple[dict[str, Any], ...]
     prompts: tuple[str, ...]
     """The prompt of each choice (prompt i of a completions list serves choices i*n..i*n+n-1)."""
+    n: int
+    """Choices per prompt."""
     stream: bool
     include_usage: bool
     logprobs: int | None
@@ -105,6 +107,7 @@ def _plan(
     return Plan(
         bodies=tuple(bodies),
         prompts=tuple(choice_prompts),
+        n=n,
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,

@@ -307,8 +307,7 @@ async def _complete(
 
 def _prompt_lengths(entries: list[Entry], plan: Plan) -> list[int]:
     """Input length of each distinct prompt: the n choices of a prompt count it once."""
-    num_choices = len(entries) // len(set(plan.prompts)) if plan.prompts else 1
-    return [entry.request.input_len for entry in entries[::num_choices]]
+    return [entry.request.input_len for entry in entries[:: plan.n]]
 
 
 async def _cancel_on_disconnect(request: Request, entries: list[Entry]) -> None:
