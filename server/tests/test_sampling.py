@@ -12,6 +12,7 @@ from textgen.server.sampling import (
     SamplingParams,
     SamplingRequest,
     apply_frequency_presence_penalties,
+    apply_logit_bias,
     apply_repetition_penalty,
     sample,
     warp,
@@ -48,11 +49,21 @@ def test_frequency_and_presence_penalties_count_generated_tokens_only():
     assert out.tolist() == [[0.0, -0.75, -1.25, 0.0]]
 
 
+def test_logit_bias_is_added_per_request_before_the_choice():
+    logits = torch.zeros(2, 4)
+    proto = generate_pb2.SamplingParameters(logit_bias={3: 100.0, 1: -5.0, 9: 1.0})
+    biased = request(SamplingParams.from_proto(proto))
+    out = apply_logit_bias(logits, [request(SamplingParams()), biased])
+    assert out.tolist() == [[0.0, 0.0, 0.0, 0.0], [0.0, -5.0, 0.0, 100.0]]  # id 9: past V
+    assert sample(torch.tensor([[5.0, 1.0, 0.0, 0.0]]), [biased]).next_ids == [3]
+
+
 def test_neutral_penalties_leave_logits_untouched():
     logits = torch.randn(2, 8)
     reqs = [request(SamplingParams(), token_ids=[1, 2, 3]) for _ in range(2)]
     assert torch.equal(apply_repetition_penalty(logits, reqs), logits)
     assert torch.equal(apply_frequency_presence_penalties(logits, reqs), logits)
+    assert torch.equal(apply_logit_bias(logits, reqs), logits)
 
 
 def test_greedy_picks_argmax_and_logprob_uses_temperature():

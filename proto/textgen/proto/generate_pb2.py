@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctextgen/proto/generate.proto\x12\ntextgen.v1\"\r\n\x0bInfoRequest\"\xa3\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x19\n\x17ServiceDiscoveryRequest\"(\n\x18ServiceDiscoveryResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse\"\x90\x02\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\tdo_sample\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x16\n\x0emin_new_tokens\x18\x0c \x01(\r\x12\x15\n\reos_token_ids\x18\r \x03(\rJ\x04\x08\x0b\x10\x0c\"@\n\x13WatermarkParameters\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05gamma\x18\x02 \x01(\x02\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x02\"0\n\tTokenMask\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x62itmask\x18\x02 \x01(\x0c\"\x8a\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x32\n\nparameters\x18\x03 \x01(\x0b\x32\x1e.textgen.v1.SamplingParameters\x12\x14\n\x0ctop_n_tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x03(\r\x12\r\n\x05slots\x18\x06 \x03(\r\x12\x11\n\tcache_len\x18\x07 \x01(\r\x12\x18\n\x10prefill_logprobs\x18\x08 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x32\n\twatermark\x18\n \x01(\x0b\x32\x1f.textgen.v1.WatermarkParameters\"\\\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x08requests\x18\x02 \x03(\x0b\x32\x13.textgen.v1.Request\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"h\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x05 \x01(\r\"\'\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x98\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x0eprefill_tokens\x18\x02 \x01(\x0b\x32\x12.textgen.v1.Tokens\x12\"\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.textgen.v1.Tokens\x12&\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x12.textgen.v1.Tokens\"^\n\x0ePrefillRequest\x12 \n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x11.textgen.v1.Batch\x12*\n\x0btoken_masks\x18\x02 \x03(\x0b\x32\x15.textgen.v1.TokenMask\"\x9f\x01\n\x0fPrefillResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.textgen.v1.Generation\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.textgen.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\"e\n\rDecodeRequest\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.textgen.v1.CachedBatch\x12*\n\x0btoken_masks\x18\x02 \x03(\x0b\x32\x15.textgen.v1.TokenMask\"\xb1\x01\n\x0e\x44\x65\x63odeResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.textgen.v1.Generation\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.textgen.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\";\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\"=\n\x13\x46ilterBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.textgen.v1.CachedBatch\"w\n\rWarmupRequest\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_prefill_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r2\xd5\x04\n\x15TextGenerationService\x12\x39\n\x04Info\x12\x17.textgen.v1.InfoRequest\x1a\x18.textgen.v1.InfoResponse\x12?\n\x06Health\x12\x19.textgen.v1.HealthRequest\x1a\x1a.textgen.v1.HealthResponse\x12]\n\x10ServiceDiscovery\x12#.textgen.v1.ServiceDiscoveryRequest\x1a$.textgen.v1.ServiceDiscoveryResponse\x12K\n\nClearCache\x12\x1d.textgen.v1.ClearCacheRequest\x1a\x1e.textgen.v1.ClearCacheResponse\x12N\n\x0b\x46ilterBatch\x12\x1e.textgen.v1.FilterBatchRequest\x1a\x1f.textgen.v1.FilterBatchResponse\x12?\n\x06Warmup\x12\x19.textgen.v1.WarmupRequest\x1a\x1a.textgen.v1.WarmupResponse\x12\x42\n\x07Prefill\x12\x1a.textgen.v1.PrefillRequest\x1a\x1b.textgen.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.textgen.v1.DecodeRequest\x1a\x1a.textgen.v1.DecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctextgen/proto/generate.proto\x12\ntextgen.v1\"\r\n\x0bInfoRequest\"\xa3\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x12\n\nworld_size\x18\x07 \x01(\r\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\x19\n\x17ServiceDiscoveryRequest\"(\n\x18ServiceDiscoveryResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse\"\x85\x03\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\tdo_sample\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x16\n\x0emin_new_tokens\x18\x0c \x01(\r\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x41\n\nlogit_bias\x18\x0e \x03(\x0b\x32-.textgen.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01J\x04\x08\x0b\x10\x0c\"@\n\x13WatermarkParameters\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05gamma\x18\x02 \x01(\x02\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x02\"0\n\tTokenMask\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x62itmask\x18\x02 \x01(\x0c\"\x8a\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x32\n\nparameters\x18\x03 \x01(\x0b\x32\x1e.textgen.v1.SamplingParameters\x12\x14\n\x0ctop_n_tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x03(\r\x12\r\n\x05slots\x18\x06 \x03(\r\x12\x11\n\tcache_len\x18\x07 \x01(\r\x12\x18\n\x10prefill_logprobs\x18\x08 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x32\n\twatermark\x18\n \x01(\x0b\x32\x1f.textgen.v1.WatermarkParameters\"\\\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x08requests\x18\x02 \x03(\x0b\x32\x13.textgen.v1.Request\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"h\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x05 \x01(\r\"\'\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x98\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x0eprefill_tokens\x18\x02 \x01(\x0b\x32\x12.textgen.v1.Tokens\x12\"\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.textgen.v1.Tokens\x12&\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x12.textgen.v1.Tokens\"^\n\x0ePrefillRequest\x12 \n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x11.textgen.v1.Batch\x12*\n\x0btoken_masks\x18\x02 \x03(\x0b\x32\x15.textgen.v1.TokenMask\"\x9f\x01\n\x0fPrefillResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.textgen.v1.Generation\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.textgen.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\"e\n\rDecodeRequest\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.textgen.v1.CachedBatch\x12*\n\x0btoken_masks\x18\x02 \x03(\x0b\x32\x15.textgen.v1.TokenMask\"\xb1\x01\n\x0e\x44\x65\x63odeResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.textgen.v1.Generation\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.textgen.v1.CachedBatch\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\";\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\"=\n\x13\x46ilterBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.textgen.v1.CachedBatch\"w\n\rWarmupRequest\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_prefill_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\"8\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r2\xd5\x04\n\x15TextGenerationService\x12\x39\n\x04Info\x12\x17.textgen.v1.InfoRequest\x1a\x18.textgen.v1.InfoResponse\x12?\n\x06Health\x12\x19.textgen.v1.HealthRequest\x1a\x1a.textgen.v1.HealthResponse\x12]\n\x10ServiceDiscovery\x12#.textgen.v1.ServiceDiscoveryRequest\x1a$.textgen.v1.ServiceDiscoveryResponse\x12K\n\nClearCache\x12\x1d.textgen.v1.ClearCacheRequest\x1a\x1e.textgen.v1.ClearCacheResponse\x12N\n\x0b\x46ilterBatch\x12\x1e.textgen.v1.FilterBatchRequest\x1a\x1f.textgen.v1.FilterBatchResponse\x12?\n\x06Warmup\x12\x19.textgen.v1.WarmupRequest\x1a\x1a.textgen.v1.WarmupResponse\x12\x42\n\x07Prefill\x12\x1a.textgen.v1.PrefillRequest\x1a\x1b.textgen.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.textgen.v1.DecodeRequest\x1a\x1a.textgen.v1.DecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'textgen.proto.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_INFOREQUEST']._serialized_start=44
   _globals['_INFOREQUEST']._serialized_end=57
   _globals['_INFORESPONSE']._serialized_start=60
@@ -48,37 +50,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLEARCACHERESPONSE']._serialized_start=374
   _globals['_CLEARCACHERESPONSE']._serialized_end=394
   _globals['_SAMPLINGPARAMETERS']._serialized_start=397
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=669
-  _globals['_WATERMARKPARAMETERS']._serialized_start=671
-  _globals['_WATERMARKPARAMETERS']._serialized_end=735
-  _globals['_TOKENMASK']._serialized_start=737
-  _globals['_TOKENMASK']._serialized_end=785
-  _globals['_REQUEST']._serialized_start=788
-  _globals['_REQUEST']._serialized_end=1054
-  _globals['_BATCH']._serialized_start=1056
-  _globals['_BATCH']._serialized_end=1148
-  _globals['_CACHEDBATCH']._serialized_start=1150
-  _globals['_CACHEDBATCH']._serialized_end=1254
-  _globals['_TOKENS']._serialized_start=1256
-  _globals['_TOKENS']._serialized_end=1295
-  _globals['_GENERATION']._serialized_start=1298
-  _globals['_GENERATION']._serialized_end=1450
-  _globals['_PREFILLREQUEST']._serialized_start=1452
-  _globals['_PREFILLREQUEST']._serialized_end=1546
-  _globals['_PREFILLRESPONSE']._serialized_start=1549
-  _globals['_PREFILLRESPONSE']._serialized_end=1708
-  _globals['_DECODEREQUEST']._serialized_start=1710
-  _globals['_DECODEREQUEST']._serialized_end=1811
-  _globals['_DECODERESPONSE']._serialized_start=1814
-  _globals['_DECODERESPONSE']._serialized_end=1991
-  _globals['_FILTERBATCHREQUEST']._serialized_start=1993
-  _globals['_FILTERBATCHREQUEST']._serialized_end=2052
-  _globals['_FILTERBATCHRESPONSE']._serialized_start=2054
-  _globals['_FILTERBATCHRESPONSE']._serialized_end=2115
-  _globals['_WARMUPREQUEST']._serialized_start=2117
-  _globals['_WARMUPREQUEST']._serialized_end=2236
-  _globals['_WARMUPRESPONSE']._serialized_start=2238
-  _globals['_WARMUPRESPONSE']._serialized_end=2294
-  _globals['_TEXTGENERATIONSERVICE']._serialized_start=2297
-  _globals['_TEXTGENERATIONSERVICE']._serialized_end=2894
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=786
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=732
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=780
+  _globals['_WATERMARKPARAMETERS']._serialized_start=788
+  _globals['_WATERMARKPARAMETERS']._serialized_end=852
+  _globals['_TOKENMASK']._serialized_start=854
+  _globals['_TOKENMASK']._serialized_end=902
+  _globals['_REQUEST']._serialized_start=905
+  _globals['_REQUEST']._serialized_end=1171
+  _globals['_BATCH']._serialized_start=1173
+  _globals['_BATCH']._serialized_end=1265
+  _globals['_CACHEDBATCH']._serialized_start=1267
+  _globals['_CACHEDBATCH']._serialized_end=1371
+  _globals['_TOKENS']._serialized_start=1373
+  _globals['_TOKENS']._serialized_end=1412
+  _globals['_GENERATION']._serialized_start=1415
+  _globals['_GENERATION']._serialized_end=1567
+  _globals['_PREFILLREQUEST']._serialized_start=1569
+  _globals['_PREFILLREQUEST']._serialized_end=1663
+  _globals['_PREFILLRESPONSE']._serialized_start=1666
+  _globals['_PREFILLRESPONSE']._serialized_end=1825
+  _globals['_DECODEREQUEST']._serialized_start=1827
+  _globals['_DECODEREQUEST']._serialized_end=1928
+  _globals['_DECODERESPONSE']._serialized_start=1931
+  _globals['_DECODERESPONSE']._serialized_end=2108
+  _globals['_FILTERBATCHREQUEST']._serialized_start=2110
+  _globals['_FILTERBATCHREQUEST']._serialized_end=2169
+  _globals['_FILTERBATCHRESPONSE']._serialized_start=2171
+  _globals['_FILTERBATCHRESPONSE']._serialized_end=2232
+  _globals['_WARMUPREQUEST']._serialized_start=2234
+  _globals['_WARMUPREQUEST']._serialized_end=2353
+  _globals['_WARMUPRESPONSE']._serialized_start=2355
+  _globals['_WARMUPRESPONSE']._serialized_end=2411
+  _globals['_TEXTGENERATIONSERVICE']._serialized_start=2414
+  _globals['_TEXTGENERATIONSERVICE']._serialized_end=3011
 # @@protoc_insertion_point(module_scope)

@@ -45,11 +45,23 @@ class Infer:
     def tokenizer(self) -> Any:
         return self._info.tokenizer
 
-    async def submit(self, body: Any) -> Entry:
-        """Validate and enqueue a request; the caller must `finish` the entry it gets."""
-        return (await self.submit_all(body))[0]
+    @property
+    def tokenizer_info(self) -> TokenizerInfo:
+        return self._info
 
-    async def submit_all(self, body: GenerateRequest | Any, stream: bool = False) -> list[Entry]:
+    async def submit(self, body: Any, logit_bias: tuple[tuple[int, float], ...] = ()) -> Entry:
+        """Validate and enqueue a request; the caller must `finish` the entry it gets.
+
+        `logit_bias` (checked by the caller) is what a TGI body cannot say.
+        """
+        return (await self.submit_all(body, logit_bias=logit_bias))[0]
+
+    async def submit_all(
+        self,
+        body: GenerateRequest | Any,
+        stream: bool = False,
+        logit_bias: tuple[tuple[int, float], ...] = (),
+    ) -> list[Entry]:
         """Validate and enqueue a request as `best_of` sequences (one unless best_of > 1).
 
         Each sequence takes an admission slot, as each of TGI's best_of generations
@@ -68,6 +80,8 @@ class Infer:
         try:
             with self._tracing.span("validation"):
                 valid = await self._validation.validate(request)
+            if logit_bias:
+                valid = dataclasses.replace(valid, logit_bias=logit_bias)
         except ValidationError as error:
             self.num_in_flight -= num_sequences
             self._reject(error, "validation")

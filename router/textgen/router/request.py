@@ -63,6 +63,8 @@ class ValidRequest:
     watermark: bool = False
     adapter_id: str | None = None
     """Accepted as TGI does; with no adapters loaded every id falls back to the base model."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (OpenAI's logit_bias; not a TGI parameter)."""
 
     @property
     def input_len(self) -> int:

@@ -224,7 +224,7 @@ class Scheduler:
 def _to_proto(entry: Entry) -> pb.Request:
     request = entry.request
     assert entry.allocation is not None, "the queue allocates blocks before batching"
-    return pb.Request(
+    message = pb.Request(
         id=entry.id,
         input_ids=request.input_ids,
         parameters=request.sampling_proto(entry.info.eos_token_ids),
@@ -235,6 +235,8 @@ def _to_proto(entry: Entry) -> pb.Request:
         max_new_tokens=request.stopping.max_new_tokens,
         watermark=request.watermark_proto(),
     )
+    message.parameters.logit_bias.update(request.logit_bias)
+    return message
 
 
 def _deliver(entry: Entry, generation: pb.Generation) -> None:

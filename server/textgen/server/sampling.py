@@ -2,6 +2,7 @@
 
 Pipeline, in TGI's order, each stage skipped for requests at its neutral value:
 
+    logit bias (OpenAI's, per token id)
     min_new_tokens: EOS ids get -inf until enough tokens are generated
     repetition penalty (all tokens so far, HF semantics)
     frequency / presence penalties (generated tokens, OpenAI semantics)
@@ -36,6 +37,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     min_new_tokens: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.repetition_penalty <= 0:
@@ -59,6 +61,7 @@ class SamplingParams:
             presence_penalty=params.presence_penalty,
             min_new_tokens=params.min_new_tokens,
             eos_token_ids=tuple(params.eos_token_ids),
+            logit_bias=tuple(sorted(params.logit_bias.items())),
         )
 
     def make_generator(self) -> torch.Generator:
@@ -91,6 +94,7 @@ class SamplingOutput:
 def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOutput:
     """Choose one token per request from its next-token logits [B, V] (float32)."""
     params = [r.params for r in requests]
+    logits = apply_logit_bias(logits, requests)
     logits = apply_min_new_tokens(logits, requests)
     logits = apply_repetition_penalty(logits, requests)
     logits = apply_frequency_presence_penalties(logits, requests)
@@ -100,6 +104,24 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
     top_ids, top_logprobs = _top_tokens(logprobs, [r.top_n_tokens for r in requests])
     return SamplingOutput(next_ids.tolist(), chosen.tolist(), top_ids, top_logprobs)
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """OpenAI: add each request's bias to the logits of its token ids. [B, V]"""
+    vocab_size = logits.shape[-1]
+    # NOTE: the router checks ids against the tokenizer; ids past the logits are ignored.
+    pairs = [
+        (row, token_id, bias)
+        for row, r in enumerate(requests)
+        for token_id, bias in r.params.logit_bias
+        if token_id < vocab_size
+    ]
+    if not pairs:
+        return logits
+    rows, cols, biases = zip(*pairs, strict=True)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    values = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+    return logits.index_put(index, values, accumulate=True)
 
 
 def apply_min_new_tokens(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:

@@ -258,4 +258,7 @@ def build_app(
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+    from textgen.router.http.openai import openai_routes  # it imports this module
+
+    routes += openai_routes()
     return Starlette(routes=routes, lifespan=lifespan)
