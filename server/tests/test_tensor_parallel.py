@@ -35,6 +35,8 @@ prompt = [1, 17, 42, 99, 3, 250, 7]
 shape = runner.model.shape
 heads = (shape.num_heads, shape.num_kv_heads)
 torch.save({"prefill": logits, "decode": step, "heads": heads}, out)
+# NOTE: a rank that leaves while its peer still talks to it aborts the peer.
+torch.distributed.barrier()
 group.shutdown()
 """
 
