@@ -10,6 +10,9 @@ from pathlib import Path
 
 from textgen.server.config import DTYPES, ServerConfig
 from textgen.server.server import serve
+from textgen.server.sharding import ShardCountError
+
+EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--block-size", type=int, default=default("block_size"))
     cmd.add_argument("--master-addr", default=default("master_addr"))
     cmd.add_argument("--master-port", type=int, default=default("master_port"))
+    cmd.add_argument(
+        "--num-threads",
+        type=int,
+        default=default("num_threads"),
+        help="CPU threads of this shard (the launcher divides the cores among shards)",
+    )
     return parser
 
 
@@ -45,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         block_size=args.block_size,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        num_threads=args.num_threads,
     )
 
 
@@ -59,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s shard {config.rank} %(name)s: %(message)s",
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ShardCountError as e:
+        # A user's choice, not a crash: one line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

@@ -27,6 +27,7 @@ class ServerConfig:
     block_size: int = 16
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    num_threads: int | None = None  # CPU threads of this shard; None: torch's default (all)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -37,6 +38,8 @@ class ServerConfig:
             raise ValueError("kv_cache_memory_gib must be positive")
         if self.block_size < 1:
             raise ValueError("block_size must be at least 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be at least 1")
 
     @property
     def torch_dtype(self) -> torch.dtype:

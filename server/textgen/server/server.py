@@ -27,6 +27,8 @@ SHUTDOWN_GRACE_S = 5.0
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT; the socket file is removed on the way out."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
     group = ParallelGroup.initialize(
         config.rank, config.world_size, config.master_addr, config.master_port
     )
