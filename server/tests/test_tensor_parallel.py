@@ -117,3 +117,23 @@ def test_head_split(heads, world_size, expected):
 def test_balanced_range_covers_every_unit_once():
     assert [balanced_range(1536, 2, r) for r in range(2)] == [(0, 768), (768, 1536)]
     assert [balanced_range(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
+def test_each_rank_holds_about_half_of_the_weights(make_tiny_llama):
+    model_dir, _ = make_tiny_llama(num_attention_heads=4, num_key_value_heads=2)
+
+    def load(group: ParallelGroup) -> dict[str, torch.Size]:
+        runner = ModelRunner.load(model_dir, torch.float32, 4, group, torch.device("cpu"))
+        return {name: p.shape for name, p in runner.model.named_parameters()}
+
+    def num_bytes(shapes: dict[str, torch.Size]) -> int:
+        return 4 * sum(shape.numel() for shape in shapes.values())
+
+    full = load(ParallelGroup())
+    for rank in range(2):
+        local = load(ParallelGroup(rank, 2))
+        print(f"rank {rank}: {num_bytes(local)} of {num_bytes(full)} weight bytes")
+        assert num_bytes(local) < 0.51 * num_bytes(full)
+        # No split weight is held whole: only the (tiny) norms are replicated.
+        whole = {name for name, shape in local.items() if shape == full[name]}
+        assert whole and all("norm" in name for name in whole)
