@@ -44,7 +44,8 @@ group.shutdown()
 LAYOUTS = {
     "even": (dict(num_attention_heads=4, num_key_value_heads=2), [(2, 1), (2, 1)]),
     "uneven": (
-        dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96),
+        # ... and an uneven MLP: 65 + 64 intermediate features.
+        dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96, intermediate_size=129),
         [(4, 2), (2, 1)],
     ),
     "replicated": (dict(num_attention_heads=4, num_key_value_heads=1), [(2, 1), (2, 1)]),
