@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 from textgen.launcher import commands as commands_mod
+from textgen.launcher import parallel
 from textgen.launcher.commands import TextgenCommands, console_script
 from textgen.launcher.config import LauncherConfig, TokenLimits
+from textgen.launcher.parallel import free_port, threads_per_shard
 
 MODEL_DIR = Path("/models/smol")
 
 
-def make_commands(**overrides: object) -> TextgenCommands:
+def make_commands(num_threads: int | None = None, **overrides: object) -> TextgenCommands:
     config = LauncherConfig(**overrides)  # type: ignore[arg-type]
     return TextgenCommands(
         config=config,
@@ -22,17 +24,44 @@ def make_commands(**overrides: object) -> TextgenCommands:
         model_name="org/smol",
         limits=TokenLimits.derive(config, 8192),
         dtype="float32",
+        master_port=1234,
+        num_threads=num_threads,
     )
 
 
 def test_shard_command() -> None:
-    argv = make_commands(shard_uds_path="/tmp/s", master_port=1234).shard(0)
+    argv = make_commands(shard_uds_path="/tmp/s").shard(0)
     assert argv[0].endswith("textgen-server") or "textgen.server.cli" in argv[-1]
     assert argv[argv.index("serve") :] == [
         "serve", "/models/smol", "--uds-path", "/tmp/s", "--rank", "0", "--world-size", "1",
         "--dtype", "float32", "--kv-cache-memory-gib", "1.0",
         "--master-addr", "localhost", "--master-port", "1234",
     ]  # fmt: skip
+
+
+def test_shard_commands_of_a_group() -> None:
+    commands = make_commands(num_threads=3, num_shard=2, shard_uds_path="/tmp/s")
+    argv = commands.shard(1)
+    assert argv[argv.index("--rank") + 1 : argv.index("--rank") + 4] == ["1", "--world-size", "2"]
+    assert argv[argv.index("--uds-path") + 1] == "/tmp/s"  # the shard appends -{rank}
+    assert argv[-2:] == ["--num-threads", "3"]
+    assert commands.shard(0)[-2:] == ["--num-threads", "3"]
+
+
+@pytest.mark.parametrize(("num_shard", "expected"), [(1, None), (2, 4), (3, 2), (16, 1)])
+def test_threads_per_shard_divide_the_cores(
+    monkeypatch: pytest.MonkeyPatch, num_shard: int, expected: int | None
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert threads_per_shard(num_shard) == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads_per_shard(num_shard) is None  # the user's setting, inherited
+
+
+def test_master_port_defaults_to_a_free_port() -> None:
+    first, second = free_port("127.0.0.1"), free_port("127.0.0.1")
+    assert first != 29500 and 0 < first < 65536 and 0 < second < 65536
 
 
 def test_router_command_with_defaults() -> None:

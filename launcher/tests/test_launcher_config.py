@@ -55,7 +55,8 @@ def test_config_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_shard": 2}, "tensor parallelism is not supported yet"),
+        ({"num_shard": 0}, "--num-shard must be >= 1"),
+        ({"master_port": 70000}, "--master-port"),
         ({"port": 0}, "--port"),
         ({"dtype": "int8"}, "--dtype"),
         ({"waiting_served_ratio": -0.1}, "--waiting-served-ratio"),

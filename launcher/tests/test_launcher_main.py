@@ -41,7 +41,7 @@ def test_prepare_names_the_default_model(default_model_dir: Path, model_cache: P
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--num-shard", "2"], "error: --num-shard 2: tensor parallelism is not supported yet"),
+        (["--num-shard", "0"], "error: --num-shard must be >= 1"),
         (["--max-input-tokens", "10", "--max-total-tokens", "10"], "error: --max-input-tokens"),
     ],
 )

@@ -48,10 +48,12 @@ class TextgenCommands:
     model_name: str  # what the router reports as model_id in /info and /v1/models
     limits: TokenLimits
     dtype: str
+    master_port: int  # the rendezvous port, settled (config.master_port or a free one)
+    num_threads: int | None = None  # CPU threads per shard; None: the shards' default
 
     def shard(self, rank: int) -> list[str]:
         c = self.config
-        return [
+        argv = [
             *console_script("textgen-server", "textgen.server.cli"),
             "serve", str(self.model_dir),
             "--uds-path", c.shard_uds_path,
@@ -60,9 +62,10 @@ class TextgenCommands:
             "--dtype", self.dtype,
             "--kv-cache-memory-gib", str(c.kv_cache_memory_gib),
             "--master-addr", c.master_addr,
-            "--master-port", str(c.master_port),
+            "--master-port", str(self.master_port),
             *observability_flags(c),
         ]  # fmt: skip
+        return argv + _optional("--num-threads", self.num_threads)
 
     def router(self) -> list[str]:
         c, limits = self.config, self.limits

@@ -35,7 +35,7 @@ FLAG_HELP = {
     "model_id": "hub id, model directory or .gguf file; default: built-in SmolLM2-135M-Instruct",
     "revision": "hub revision (branch, tag or commit)",
     "cache_dir": "where converted models live; default: $TEXTGEN_CACHE or ~/.cache/textgen",
-    "num_shard": "number of shards (tensor-parallel ranks)",
+    "num_shard": "number of shards (tensor-parallel ranks); on CPU they share the cores",
     "port": "HTTP port of the router",
     "hostname": "HTTP address of the router",
     "max_input_tokens": "prompt tokens per request; default: max_total_tokens - 1",
@@ -54,7 +54,7 @@ FLAG_HELP = {
     "shard_uds_path": "shard r listens on unix://{path}-{r}",
     "kv_cache_memory_gib": "memory each shard gives its paged KV cache",
     "master_addr": "torch.distributed rendezvous address",
-    "master_port": "torch.distributed rendezvous port",
+    "master_port": "torch.distributed rendezvous port; default: a free port",
     "json_output": "log JSON lines instead of plain text (launcher, router and shards)",
     "otlp_endpoint": "export traces over OTLP: gRPC (http://host:4317) or HTTP (.../v1/traces)",
     "otlp_service_name": "traces name the router {name}.router and the shards {name}.server",
@@ -86,17 +86,16 @@ class LauncherConfig:
     shard_uds_path: str = "/tmp/textgen-server"
     kv_cache_memory_gib: float = 1.0
     master_addr: str = "localhost"
-    master_port: int = 29500
+    master_port: int | None = None
     json_output: bool = False
     otlp_endpoint: str | None = None
     otlp_service_name: str = "textgen"
 
     def __post_init__(self) -> None:
-        if self.num_shard != 1:
-            raise ConfigError(
-                f"--num-shard {self.num_shard}: tensor parallelism is not supported yet"
-            )
-        if not 0 < self.port < 65536 or not 0 < self.master_port < 65536:
+        if self.num_shard < 1:
+            raise ConfigError("--num-shard must be >= 1")
+        master_port = 1 if self.master_port is None else self.master_port
+        if not 0 < self.port < 65536 or not 0 < master_port < 65536:
             raise ConfigError("--port and --master-port must be between 1 and 65535")
         if self.waiting_served_ratio < 0:
             raise ConfigError("--waiting-served-ratio must be >= 0")

@@ -25,6 +25,7 @@ from textgen.launcher.model import (
     ModelError,
     resolve_model,
 )
+from textgen.launcher.parallel import free_port, threads_per_shard
 from textgen.launcher.supervisor import Supervisor, SupervisorConfig
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def prepare(config: LauncherConfig) -> TextgenCommands:
         model_name=config.model_id or DEFAULT_MODEL_ID,
         limits=limits,
         dtype=config.dtype or default_dtype(),
+        master_port=config.master_port or free_port(config.master_addr),
+        num_threads=threads_per_shard(config.num_shard),
     )
 
 

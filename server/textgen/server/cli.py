@@ -10,6 +10,9 @@ from pathlib import Path
 from textgen.server.config import DTYPES, ServerConfig
 from textgen.server.logs import setup_logging
 from textgen.server.server import serve
+from textgen.server.sharding import ShardCountError
+
+EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--otlp-endpoint", default=default("otlp_endpoint"), help="OTLP collector")
     cmd.add_argument("--otlp-service-name", default=default("otlp_service_name"))
     cmd.add_argument("--json-output", action="store_true", help="log JSON lines")
+    cmd.add_argument(
+        "--num-threads",
+        type=int,
+        default=default("num_threads"),
+        help="CPU threads of this shard (the launcher divides the cores among shards)",
+    )
     return parser
 
 
@@ -51,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name,
         json_output=args.json_output,
+        num_threads=args.num_threads,
     )
 
 
@@ -61,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         build_parser().error(str(e))
     setup_logging(config.rank, config.json_output)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ShardCountError as e:
+        # A user's choice, not a crash: one line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

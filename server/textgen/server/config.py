@@ -32,6 +32,7 @@ class ServerConfig:
     otlp_service_name: str = "textgen"
     """Shards trace as `{otlp_service_name}.server`."""
     json_output: bool = False
+    num_threads: int | None = None  # CPU threads of this shard; None: torch's default (all)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -42,6 +43,8 @@ class ServerConfig:
             raise ValueError("kv_cache_memory_gib must be positive")
         if self.block_size < 1:
             raise ValueError("block_size must be at least 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be at least 1")
 
     @property
     def torch_dtype(self) -> torch.dtype:

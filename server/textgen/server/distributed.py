@@ -20,14 +20,22 @@ class ParallelGroup:
 
     @classmethod
     def initialize(
-        cls, rank: int, world_size: int, master_addr: str, master_port: int
+        cls,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        backend: str = "gloo",
     ) -> ParallelGroup:
-        """Join the process group; a single shard needs none."""
+        """Join the process group; a single shard needs none.
+
+        `backend` follows the shard's device, chosen once by the caller: gloo
+        for CPU tensors, nccl for CUDA ones.
+        """
         if world_size == 1:
             return cls()
-        # NOTE: gloo on CPU; a CUDA platform will pick nccl here, once.
         dist.init_process_group(
-            backend="gloo",
+            backend=backend,
             init_method=f"tcp://{master_addr}:{master_port}",
             rank=rank,
             world_size=world_size,

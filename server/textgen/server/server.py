@@ -28,12 +28,16 @@ SHUTDOWN_GRACE_S = 5.0
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT; the socket file is removed on the way out."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    # NOTE: the platform is decided here, once; only CPU exists so far. A CUDA
+    # platform takes device cuda:{rank} and the nccl backend.
+    device = torch.device("cpu")
     group = ParallelGroup.initialize(
-        config.rank, config.world_size, config.master_addr, config.master_port
+        config.rank, config.world_size, config.master_addr, config.master_port, backend="gloo"
     )
     try:
-        # NOTE: the platform is decided here, once; only CPU exists so far.
-        shard = Shard.load(config, group, torch.device("cpu"))
+        shard = Shard.load(config, group, device)
         logger.info("loaded %s from %s", shard.runner.config.model_type, config.model_dir)
         with _signals_set(asyncio.Event()) as stop:
             await run_server(config, shard, stop)

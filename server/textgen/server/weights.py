@@ -40,13 +40,16 @@ class Weights:
 
     def get_sharded(self, name: str, dim: int) -> torch.Tensor:
         """This rank's equal share of `name` along `dim` (0: rows, 1: columns)."""
-        part = self._open(name).get_slice(name)
-        size = part.get_shape()[dim]
+        size = self._open(name).get_slice(name).get_shape()[dim]
         world_size, rank = self.group.world_size, self.group.rank
         if size % world_size != 0:
             raise ValueError(f"{name}: dim {dim} of size {size} does not split {world_size} ways")
         block = size // world_size
-        start, stop = rank * block, (rank + 1) * block
+        return self.get_range(name, dim, rank * block, (rank + 1) * block)
+
+    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of `name`, read alone from disk."""
+        part = self._open(name).get_slice(name)
         tensor = part[start:stop] if dim == 0 else part[:, start:stop]
         return self._cast(tensor)
 

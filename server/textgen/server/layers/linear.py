@@ -14,6 +14,8 @@ from torch import nn
 from textgen.server.distributed import ParallelGroup
 from textgen.server.weights import Weights
 
+Range = tuple[int, int]  # [start, stop) of a rank's features
+
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output features (rows of W)."""
@@ -24,15 +26,27 @@ class ColumnParallelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def load(cls, weights: Weights, prefixes: list[str], bias: bool) -> ColumnParallelLinear:
+    def load(
+        cls,
+        weights: Weights,
+        prefixes: list[str],
+        bias: bool,
+        rows: list[Range] | None = None,
+    ) -> ColumnParallelLinear:
         """Load one or several HF projections fused along the output features.
 
         Each projection is sliced on its own before concatenation, so every
         rank holds [q_local; k_local; v_local] and can split its output locally.
+        `rows` gives each projection's output range on this rank (uneven
+        splits); by default each one splits evenly.
         """
-        weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes])
-        biases = [weights.get_sharded(f"{p}.bias", dim=0) for p in prefixes] if bias else None
-        return cls(weight, None if biases is None else torch.cat(biases))
+        ranges: list[Range | None] = list(rows) if rows is not None else [None] * len(prefixes)
+
+        def fused(suffix: str) -> torch.Tensor:
+            parts = zip(prefixes, ranges, strict=True)
+            return torch.cat([_rows(weights, f"{p}.{suffix}", r) for p, r in parts])
+
+        return cls(fused("weight"), fused("bias") if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)  # [T, out_local]
@@ -50,8 +64,15 @@ class RowParallelLinear(nn.Module):
         self.group = group
 
     @classmethod
-    def load(cls, weights: Weights, prefix: str, bias: bool) -> RowParallelLinear:
-        weight = weights.get_sharded(f"{prefix}.weight", dim=1)
+    def load(
+        cls, weights: Weights, prefix: str, bias: bool, columns: Range | None = None
+    ) -> RowParallelLinear:
+        """`columns`: this rank's input range (uneven splits); by default an even split."""
+        name = f"{prefix}.weight"
+        if columns is None:
+            weight = weights.get_sharded(name, dim=1)
+        else:
+            weight = weights.get_range(name, 1, *columns)
         # NOTE: the bias is replicated and added after the reduction, exactly once.
         bias_tensor = weights.get(f"{prefix}.bias") if bias else None
         return cls(weight, bias_tensor, weights.group)
@@ -59,3 +80,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.group.all_reduce(nn.functional.linear(x, self.weight))  # [T, out]
         return out if self.bias is None else out + self.bias
+
+
+def _rows(weights: Weights, name: str, rows: Range | None) -> torch.Tensor:
+    if rows is None:
+        return weights.get_sharded(name, dim=0)
+    return weights.get_range(name, 0, *rows)

@@ -2,7 +2,8 @@
 
 q/k/v and gate/up are each one column-parallel projection loaded from the
 separate HF tensors; o and down are row-parallel, so a layer costs two
-all-reduces under tensor parallelism.
+all-reduces under tensor parallelism. Heads split by KV group, possibly
+unevenly (see `sharding`), so each rank's attention is ordinary GQA.
 """
 
 from __future__ import annotations
@@ -25,26 +26,27 @@ from textgen.server.layers import (
 )
 from textgen.server.layers.rotary import RopeConfig
 from textgen.server.models.causal_lm import CausalLM
+from textgen.server.sharding import HeadSplit, ModelDims, balanced_range
 from textgen.server.weights import Weights
 
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """Head counts local to this shard, checked against the world size once."""
+    """Head counts local to this shard and where its heads sit in the checkpoint."""
 
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    heads: HeadSplit
 
     @classmethod
-    def from_hf(cls, config, world_size: int) -> LlamaShape:
+    def from_hf(cls, config, world_size: int, rank: int = 0) -> LlamaShape:
         head_dim = getattr(config, "head_dim", None)
         head_dim = head_dim or config.hidden_size // config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        for name, count in (("attention", config.num_attention_heads), ("KV", num_kv_heads)):
-            if count % world_size != 0:
-                raise ValueError(f"{count} {name} heads do not split over {world_size} shards")
-        return cls(config.num_attention_heads // world_size, num_kv_heads // world_size, head_dim)
+        dims = ModelDims.from_hf(config)
+        dims.check(world_size)
+        heads = HeadSplit.for_rank(dims.num_heads, dims.num_kv_heads, world_size, rank)
+        return cls(heads.num_heads, heads.num_kv_heads, head_dim, heads)
 
     @property
     def q_size(self) -> int:
@@ -53,6 +55,17 @@ class LlamaShape:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_rows(self) -> tuple[int, int]:
+        """This rank's output features of q_proj (= input features of o_proj)."""
+        start = self.heads.q_start * self.head_dim
+        return start, start + self.q_size
+
+    @property
+    def kv_rows(self) -> tuple[int, int]:
+        start = self.heads.kv_start * self.head_dim
+        return start, start + self.kv_size
 
 
 class LlamaAttention(nn.Module):
@@ -68,8 +81,11 @@ class LlamaAttention(nn.Module):
         super().__init__()
         bias = getattr(config, "attention_bias", False)
         qkv = [f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")]
-        self.qkv_proj = ColumnParallelLinear.load(weights, qkv, bias=bias)
-        self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", bias=bias)
+        rows = [shape.q_rows, shape.kv_rows, shape.kv_rows]
+        self.qkv_proj = ColumnParallelLinear.load(weights, qkv, bias=bias, rows=rows)
+        self.o_proj = RowParallelLinear.load(
+            weights, f"{prefix}.o_proj", bias=bias, columns=shape.q_rows
+        )
         self.shape = shape
         self.rotary = rotary
         self.attention = attention
@@ -97,8 +113,13 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         gate_up = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
-        self.gate_up_proj = ColumnParallelLinear.load(weights, gate_up, bias=bias)
-        self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", bias=bias)
+        group = weights.group
+        # NOTE: an uneven split is fine here: no collective sees the intermediate size.
+        local = balanced_range(config.intermediate_size, group.world_size, group.rank)
+        self.gate_up_proj = ColumnParallelLinear.load(weights, gate_up, bias=bias, rows=[local] * 2)
+        self.down_proj = RowParallelLinear.load(
+            weights, f"{prefix}.down_proj", bias=bias, columns=local
+        )
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -144,7 +165,7 @@ class LlamaForCausalLM(CausalLM):
         self, config, weights: Weights, attention: AttentionBackend, prefix: str = "model"
     ) -> None:
         super().__init__()
-        self.shape = LlamaShape.from_hf(config, weights.group.world_size)
+        self.shape = LlamaShape.from_hf(config, weights.group.world_size, weights.group.rank)
         rotary = RotaryEmbedding(
             RopeConfig.from_hf(config, self.shape.head_dim), weights.dtype, weights.device
         )
