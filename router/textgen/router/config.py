@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from textgen.router.watermark import DEFAULT_WATERMARK_KEY, WatermarkConfig
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -32,8 +34,17 @@ class RouterConfig:
     payload_limit: int = 2_000_000
     """Largest request body in bytes; larger ones get 413."""
     json_output: bool = False
+    watermark_gamma: float = 0.5
+    """Fraction of the vocabulary in each step's green list."""
+    watermark_delta: float = 2.0
+    """Bias added to green logits of requests with `parameters.watermark`."""
+    watermark_key: str = DEFAULT_WATERMARK_KEY
+    """Secret the green lists are seeded from; the default is public (see README)."""
+    watermark_z_threshold: float = 4.0
+    """z-score above which /watermark/detect says a text is watermarked."""
 
     def __post_init__(self) -> None:
+        self.watermark  # noqa: B018 -- WatermarkConfig checks gamma, delta and the key
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError("max_input_tokens must be < max_total_tokens")
         if self.max_batch_prefill_tokens < self.max_input_tokens:
@@ -44,3 +55,12 @@ class RouterConfig:
             raise ValueError("waiting_served_ratio must be >= 0")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+
+    @property
+    def watermark(self) -> WatermarkConfig:
+        return WatermarkConfig(
+            self.watermark_key,
+            self.watermark_gamma,
+            self.watermark_delta,
+            self.watermark_z_threshold,
+        )

@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from textgen.router.queue import Queue
 from textgen.router.request import TokenizerInfo
 from textgen.router.scheduler import Scheduler, SchedulerConfig
 from textgen.router.validation import Validation, ValidationLimits
+from textgen.router.watermark import Detector
 
 logger = logging.getLogger("textgen.router")
 
@@ -100,6 +101,7 @@ async def start(config: RouterConfig) -> RouterState:
             max_batch_size=config.max_batch_size,
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_tokens=config.max_waiting_tokens,
+            watermark=config.watermark,
         ),
     )
     tokenizer = load_tokenizer(config.model_dir)
@@ -115,7 +117,13 @@ async def start(config: RouterConfig) -> RouterState:
     infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests)
     info = _info(config, shard_info, max_batch_total_tokens)
     registry = make_registry(queue, scheduler, allocator)
-    return RouterState(infer, scheduler, client, info, config.payload_limit, registry)
+    detector = Detector(config.watermark, _encode_plain(tokenizer), shard_info.vocab_size)
+    return RouterState(infer, scheduler, client, info, config.payload_limit, registry, detector)
+
+
+def _encode_plain(tokenizer: TokenizerInfo) -> Callable[[str], list[int]]:
+    """Token ids of a text without the special tokens a prompt would get (e.g. BOS)."""
+    return lambda text: tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _max_batch_total_tokens(config: RouterConfig, allocator: BlockAllocator) -> int:

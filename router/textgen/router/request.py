@@ -46,6 +46,7 @@ class ValidRequest:
     decoder_input_details: bool = False
     top_n_tokens: int = 0
     seed_was_given: bool = False
+    watermark: bool = False
 
     @property
     def input_len(self) -> int:

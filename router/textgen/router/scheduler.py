@@ -23,7 +23,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -33,6 +33,7 @@ from textgen.router.client import ShardClient, StepResult
 from textgen.router.errors import GenerationError
 from textgen.router.queue import Budget, Queue
 from textgen.router.request import Entry, Token
+from textgen.router.watermark import WatermarkConfig
 
 logger = logging.getLogger("textgen.router.scheduler")
 
@@ -44,6 +45,8 @@ class SchedulerConfig:
     max_batch_size: int | None
     waiting_served_ratio: float
     max_waiting_tokens: int
+    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
+    """Key, gamma and delta sent with requests that ask for `watermark`."""
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Scheduler:
         self._queue = queue
         self._allocator = allocator
         self._config = config
+        self._watermark = config.watermark.to_proto()
         self._batch_ids = itertools.count()
         self.last_step_ok = 0.0
         """Monotonic time of the last step that succeeded (read by /health)."""
@@ -120,7 +124,7 @@ class Scheduler:
             entry.timings.batched = now
         batch = pb.Batch(
             id=next(self._batch_ids),
-            requests=[_to_proto(entry) for entry in entries],
+            requests=[_to_proto(entry, self._watermark) for entry in entries],
             size=len(entries),
             max_tokens=sum(entry.request.max_total_tokens for entry in entries),
         )
@@ -189,7 +193,7 @@ class Scheduler:
             entry.allocation = None
 
 
-def _to_proto(entry: Entry) -> pb.Request:
+def _to_proto(entry: Entry, watermark: pb.WatermarkParameters) -> pb.Request:
     request = entry.request
     sampling = request.sampling
     assert entry.allocation is not None, "the queue allocates blocks before batching"
@@ -211,6 +215,7 @@ def _to_proto(entry: Entry) -> pb.Request:
         slots=entry.allocation.slots(request.input_len),
         prefill_logprobs=request.decoder_input_details,
         max_new_tokens=request.stopping.max_new_tokens,
+        watermark=watermark if request.watermark else None,
     )
 
 

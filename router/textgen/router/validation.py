@@ -97,6 +97,7 @@ class Validation:
             decoder_input_details=params.get("decoder_input_details", bool, False),
             top_n_tokens=top_n_tokens,
             seed_was_given=params.get("seed", int) is not None,
+            watermark=params.get("watermark", bool, False),
         )
 
     def _sampling(self, params: _Params) -> SamplingParams:

@@ -25,6 +25,7 @@ from textgen.router.infer import Infer
 from textgen.router.metrics import render
 from textgen.router.request import Entry
 from textgen.router.scheduler import Scheduler
+from textgen.router.watermark import Detector
 
 # A step that succeeded this recently proves the shards healthy without asking them.
 _HEALTHY_STEP_AGE_S = 5.0
@@ -41,6 +42,7 @@ class RouterState:
     info: dict[str, Any]
     payload_limit: int
     registry: CollectorRegistry | None = None
+    detector: Detector | None = None
 
 
 def error_response(error: RouterError) -> JSONResponse:
@@ -168,6 +170,19 @@ def _timing_headers(entry: Entry) -> dict[str, str]:
     }
 
 
+async def watermark_detect(request: Request) -> Response:
+    """Score a text (or token ids) for this server's watermark."""
+    state = _state(request)
+    try:
+        if state.detector is None:
+            raise RouterError("watermark detection is not configured")
+        body = await read_json(request, state.payload_limit)
+        detection = await state.detector.detect(body)
+    except RouterError as error:
+        return error_response(error)
+    return JSONResponse(detection.to_json())
+
+
 async def health(request: Request) -> Response:
     state = _state(request)
     if time.monotonic() - state.scheduler.last_step_ok < _HEALTHY_STEP_AGE_S:
@@ -199,5 +214,6 @@ def build_app(
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/watermark/detect", watermark_detect, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
