@@ -84,8 +84,21 @@ class TextgenCommands:
             "--max-waiting-tokens", str(c.max_waiting_tokens),
             "--max-stop-sequences", str(c.max_stop_sequences),
         ]  # fmt: skip
+        argv += _watermark_args(c)
         return argv + (["--json-output"] if c.json_output else [])
 
 
 def _optional(flag: str, value: int | None) -> list[str]:
     return [] if value is None else [flag, str(value)]
+
+
+def _watermark_args(c: LauncherConfig) -> list[str]:
+    """The watermark flags given to the launcher; the router checks them and has the defaults."""
+    values = {
+        "--watermark-gamma": c.watermark_gamma,
+        "--watermark-delta": c.watermark_delta,
+        "--watermark-key": c.watermark_key,
+        "--watermark-z-threshold": c.watermark_z_threshold,
+    }
+    given = [(flag, value) for flag, value in values.items() if value is not None]
+    return [arg for flag, value in given for arg in (flag, str(value))]

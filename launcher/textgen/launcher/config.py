@@ -53,6 +53,10 @@ FLAG_HELP = {
     "master_addr": "torch.distributed rendezvous address",
     "master_port": "torch.distributed rendezvous port",
     "json_output": "log JSON lines instead of plain text",
+    "watermark_gamma": "green-list fraction of the vocabulary; default: 0.5",
+    "watermark_delta": "bias added to green logits; default: 2.0",
+    "watermark_key": "secret seeding the green lists; default: a public constant (see README)",
+    "watermark_z_threshold": "z-score above which /watermark/detect says watermarked; default: 4.0",
 }
 FLAG_CHOICES = {"dtype": DTYPES}
 
@@ -80,6 +84,11 @@ class LauncherConfig:
     master_addr: str = "localhost"
     master_port: int = 29500
     json_output: bool = False
+    # None: the router's default (textgen.router.watermark.WatermarkConfig).
+    watermark_gamma: float | None = None
+    watermark_delta: float | None = None
+    watermark_key: str | None = None
+    watermark_z_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_shard != 1:
