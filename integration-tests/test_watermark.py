@@ -160,12 +160,23 @@ def test_the_cli_detects_with_the_key_and_not_with_another(
     path = tmp_path / "marked.txt"
     path.write_text(generations[True][0])
     served = detect(launcher, {"text": generations[True][0]}).json()
+    assert served["watermarked"]
     assert run_cli(model_dir, path) == served  # the same tokenizer, key and gamma
-    for i, text in enumerate(generations[True]):
-        path.write_text(text)
-        other = run_cli(model_dir, path, "--watermark-key", "not-the-servers-key")
-        assert not other["watermarked"], (i, other)
-        assert other["z_score"] < FALSE_POSITIVE_Z + 1
+    assert not run_cli(model_dir, path, "--watermark-key", "not-the-servers-key")["watermarked"]
+
+
+def test_another_key_detects_none_of_the_marked_texts(generations, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    from textgen.router.watermark import WatermarkConfig
+    from textgen.router.watermark import detect as detect_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    other = WatermarkConfig(key="not-the-servers-key")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in generations[True]]
+    scores = [detect_ids(token_ids, other).z_score for token_ids in ids]
+    print(f"marked texts under another key, z: {sorted(round(z, 2) for z in scores)}")
+    assert max(scores) < FALSE_POSITIVE_Z + 1
 
 
 def test_greedy_and_streamed_generations_carry_the_mark(launcher: Launcher):
