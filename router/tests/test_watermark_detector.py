@@ -6,8 +6,13 @@ import math
 import random
 
 import pytest
+from router_fakes import tokenizer_info
 
+from textgen.router.allocator import BlockAllocator
 from textgen.router.errors import ValidationError
+from textgen.router.request import Entry
+from textgen.router.scheduler import _to_proto
+from textgen.router.validation import Validation, ValidationLimits
 from textgen.router.watermark import (
     DEFAULT_WATERMARK_KEY,
     Detector,
@@ -137,3 +142,30 @@ async def test_detector_rejects_bad_bodies_with_422(body):
         await run_detector(body)
     assert error.value.status == 422
     assert error.value.message.startswith("Input validation error: ")
+
+
+async def validate(parameters: dict):
+    limits = ValidationLimits(max_input_tokens=32, max_total_tokens=64, max_stop_sequences=4)
+    validation = Validation(lambda text: [ord(c) for c in text], limits)
+    return await validation.validate({"inputs": "hi", "parameters": parameters})
+
+
+async def test_parameters_watermark_reaches_the_shard_with_the_routers_key():
+    config = WatermarkConfig(key="s3cret", gamma=0.25, delta=3.0)
+    allocator = BlockAllocator(64, block_size=4)
+    requests = []
+    for watermark in (True, False):
+        entry = Entry(len(requests), await validate({"watermark": watermark}), tokenizer_info())
+        entry.allocation = allocator.allocate(entry.request.max_total_tokens)
+        requests.append(_to_proto(entry, config.to_proto()))
+    marked, plain = requests
+    assert marked.HasField("watermark") and not plain.HasField("watermark")
+    assert (marked.watermark.key, marked.watermark.gamma, marked.watermark.delta) == (
+        config.key64, 0.25, 3.0,
+    )  # fmt: skip
+    assert not (await validate({})).watermark
+
+
+async def test_parameters_watermark_must_be_a_boolean():
+    with pytest.raises(ValidationError, match="watermark"):
+        await validate({"watermark": 1})
