@@ -25,9 +25,10 @@ THRESHOLD = 4.0
 # Texts below this z are "not detected" in the false-positive counts.
 FALSE_POSITIVE_Z = 2.0
 # Of the 40 unmarked texts (20 generated, 20 human), this many may reach
-# FALSE_POSITIVE_Z (one-sided P(z >= 2) = 2.3%, about 1 expected). Measured: 1,
-# a human paragraph at z = 2.03 (README).
-MAX_FALSE_POSITIVES = 2
+# FALSE_POSITIVE_Z (one-sided P(z >= 2) = 2.3%, about 1 expected). Measured: 2,
+# a plain generation at z = 2.79 and a human paragraph at z = 2.03 (README); one
+# more is allowed, as kernel changes can move the sampled plain texts.
+MAX_FALSE_POSITIVES = 3
 # Every third word replaced breaks about half the (previous, token) pairs: the
 # median z over the 20 marked texts stays above this (measured about 3, README).
 MEDIAN_Z_EDITED = 2.5
