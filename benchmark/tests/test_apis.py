@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from textgen.benchmark.apis import APIS, StreamEvent
+from textgen.benchmark.apis import APIS, StreamEvent, TgiApi
 
 
 def test_tgi_request_body():
@@ -62,3 +62,8 @@ def test_openai_parse_event(data, expected):
 def test_parse_event_rejects_what_is_not_a_json_object(api, data):
     with pytest.raises(ValueError):
         APIS[api].parse_event(data)
+
+
+def test_tgi_request_body_with_watermark():
+    body = TgiApi(watermark=True).request_body("hello", max_new_tokens=7, model="ignored")
+    assert body["parameters"]["watermark"] is True

@@ -21,6 +21,7 @@ def test_num_requests_default_to_twice_the_concurrency_and_at_least_4():
         {"prompt_tokens": 0},
         {"warmup": -1},
         {"timeout": 0.0},
+        {"watermark": True, "api": "openai"},
     ],
 )
 def test_invalid_configs_are_rejected(kwargs):

@@ -298,3 +298,12 @@ async def test_models_lists_the_served_model():
     assert [m["id"] for m in listing["data"]] == ["fake-model"]
     assert missing.status_code == 404
     assert found.json()["id"] == "fake-model"
+
+
+def test_watermark_extension_reaches_the_generate_parameters():
+    from textgen.router.openai_request import completion_plan
+
+    marked = completion_plan({"prompt": "Hi", "watermark": True}, vocab_size=256)
+    plain = completion_plan({"prompt": "Hi"}, vocab_size=256)
+    assert marked.bodies[0]["parameters"]["watermark"] is True
+    assert plain.bodies[0]["parameters"]["watermark"] is False

@@ -10,6 +10,8 @@ import pytest
 from router_fakes import EOS, tokenizer_info
 from test_http import router
 
+from textgen.proto import generate_pb2 as pb
+from textgen.router.allocator import BlockAllocator
 from textgen.router.best_of import pick_best
 from textgen.router.request import (
     Entry,
@@ -19,6 +21,7 @@ from textgen.router.request import (
     Token,
     ValidRequest,
 )
+from textgen.router.scheduler import _to_proto
 from textgen.router.stop import StopSequenceMatcher
 
 HTTP = "http"  # the stream answers with the same HTTP error as /generate
@@ -324,8 +327,12 @@ def test_min_new_tokens_and_watermark_reach_the_shard():
     )
     proto = request.sampling_proto(frozenset({2, 0}))
     assert (proto.min_new_tokens, list(proto.eos_token_ids)) == (4, [0, 2])
-    watermark = request.watermark_proto()
-    assert watermark is not None and (watermark.gamma, watermark.delta) == (0.5, 2.0)
     plain = ValidRequest("x", (1,), SamplingParams(), StoppingParams(10))
     assert list(plain.sampling_proto(frozenset({0})).eos_token_ids) == []
-    assert plain.watermark_proto() is None
+    keyed = pb.WatermarkParameters(key=7, gamma=0.5, delta=2.0)
+    allocator = BlockAllocator(num_blocks=8, block_size=4)
+    marked, unmarked = Entry(1, request, tokenizer_info()), Entry(2, plain, tokenizer_info())
+    for entry in (marked, unmarked):
+        entry.allocation = allocator.allocate(entry.request.max_total_tokens)
+    assert _to_proto(marked, keyed).watermark == keyed
+    assert not _to_proto(unmarked, keyed).HasField("watermark")

@@ -28,9 +28,11 @@ class Api(Protocol):
         ...
 
 
+@dataclass(frozen=True)
 class TgiApi:
     """TGI's /generate_stream: one event per token, the last with `generated_text` set."""
 
+    watermark: bool = False  # ask for the green-list watermark (`parameters.watermark`)
     path = "/generate_stream"
 
     def request_body(self, prompt: str, max_new_tokens: int, model: str) -> dict[str, Any]:
@@ -39,6 +41,8 @@ class TgiApi:
             "ignore_eos_token": True,  # NOTE: every request generates exactly max_new_tokens
             "do_sample": False,
         }
+        if self.watermark:
+            parameters["watermark"] = True
         return {"inputs": prompt, "parameters": parameters}
 
     def parse_event(self, data: str) -> StreamEvent:

@@ -19,6 +19,7 @@ class ServingConfig:
     seed: int = 0
     warmup: int = 1  # requests sent before each level and not measured
     timeout: float = 120.0  # seconds an HTTP operation may wait (connect, read, write)
+    watermark: bool = False  # every request asks for the watermark (tgi api only)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -35,6 +36,8 @@ class ServingConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if self.watermark and self.api != "tgi":
+            raise ValueError("watermark needs the tgi api")
 
     def num_requests_for(self, concurrency: int) -> int:
         """Measured requests at one concurrency level."""

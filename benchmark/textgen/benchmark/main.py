@@ -78,6 +78,7 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long an HTTP connect, read or write may wait",
     )
+    add("--watermark", action="store_true", help="watermark every request (tgi api)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             warmup=args.warmup,
             timeout=args.timeout,
+            watermark=args.watermark,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -14,7 +14,7 @@ from typing import TextIO
 
 import httpx
 
-from textgen.benchmark.apis import APIS
+from textgen.benchmark.apis import APIS, TgiApi
 from textgen.benchmark.client import RequestResult, send_request
 from textgen.benchmark.config import ServingConfig
 from textgen.benchmark.prompts import make_prompts
@@ -67,7 +67,7 @@ async def run_level(
     async with httpx.AsyncClient(
         base_url=config.url, limits=limits, timeout=config.timeout
     ) as client:
-        api = APIS[config.api]
+        api = TgiApi(watermark=True) if config.watermark else APIS[config.api]
         send = partial(
             send_request, client, api, max_new_tokens=config.max_new_tokens, model=config.model
         )

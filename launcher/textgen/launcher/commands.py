@@ -91,6 +91,7 @@ class TextgenCommands:
             "--max-best-of", str(c.max_best_of),
             "--payload-limit", str(c.payload_limit),
         ]  # fmt: skip
+        argv += _watermark_args(c)
         return argv + observability_flags(c)
 
 
@@ -104,3 +105,15 @@ def observability_flags(c: LauncherConfig) -> list[str]:
 
 def _optional(flag: str, value: int | str | None) -> list[str]:
     return [] if value is None else [flag, str(value)]
+
+
+def _watermark_args(c: LauncherConfig) -> list[str]:
+    """The watermark flags given to the launcher; the router checks them and has the defaults."""
+    values = {
+        "--watermark-gamma": c.watermark_gamma,
+        "--watermark-delta": c.watermark_delta,
+        "--watermark-key": c.watermark_key,
+        "--watermark-z-threshold": c.watermark_z_threshold,
+    }
+    given = [(flag, value) for flag, value in values.items() if value is not None]
+    return [arg for flag, value in given for arg in (flag, str(value))]

@@ -58,6 +58,10 @@ FLAG_HELP = {
     "json_output": "log JSON lines instead of plain text (launcher, router and shards)",
     "otlp_endpoint": "export traces over OTLP: gRPC (http://host:4317) or HTTP (.../v1/traces)",
     "otlp_service_name": "traces name the router {name}.router and the shards {name}.server",
+    "watermark_gamma": "green-list fraction of the vocabulary; default: 0.5",
+    "watermark_delta": "bias added to green logits; default: 2.0",
+    "watermark_key": "secret seeding the green lists; default: a public constant (see README)",
+    "watermark_z_threshold": "z-score above which /watermark/detect says watermarked; default: 4.0",
 }
 FLAG_CHOICES = {"dtype": DTYPES}
 
@@ -90,6 +94,11 @@ class LauncherConfig:
     json_output: bool = False
     otlp_endpoint: str | None = None
     otlp_service_name: str = "textgen"
+    # None: the router's default (textgen.router.watermark.WatermarkConfig).
+    watermark_gamma: float | None = None
+    watermark_delta: float | None = None
+    watermark_key: str | None = None
+    watermark_z_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_shard < 1:

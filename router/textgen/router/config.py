@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from textgen.router.watermark import DEFAULT_WATERMARK_KEY, WatermarkConfig
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -40,8 +42,17 @@ class RouterConfig:
     """OTLP collector for traces: gRPC (http://host:4317) or HTTP (http://host:4318/v1/traces)."""
     otlp_service_name: str = "textgen"
     """Traces name the router `{otlp_service_name}.router`."""
+    watermark_gamma: float = 0.5
+    """Fraction of the vocabulary in each step's green list."""
+    watermark_delta: float = 2.0
+    """Bias added to green logits of requests with `parameters.watermark`."""
+    watermark_key: str = DEFAULT_WATERMARK_KEY
+    """Secret the green lists are seeded from; the default is public (see README)."""
+    watermark_z_threshold: float = 4.0
+    """z-score above which /watermark/detect says a text is watermarked."""
 
     def __post_init__(self) -> None:
+        self.watermark  # noqa: B018 -- WatermarkConfig checks gamma, delta and the key
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError("max_input_tokens must be < max_total_tokens")
         if self.max_batch_prefill_tokens < self.max_input_tokens:
@@ -54,3 +65,12 @@ class RouterConfig:
             raise ValueError("max_best_of must be >= 1 and max_top_n_tokens >= 0")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+
+    @property
+    def watermark(self) -> WatermarkConfig:
+        return WatermarkConfig(
+            self.watermark_key,
+            self.watermark_gamma,
+            self.watermark_delta,
+            self.watermark_z_threshold,
+        )

@@ -13,14 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from textgen.router.errors import JsonSyntaxError, RouterError
+from textgen.router.errors import JsonSyntaxError, ValidationError
 
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1
 _I32 = 2**31 - 1
 
 
-class DeserializationError(RouterError):
+class DeserializationError(ValidationError):
     """The body is JSON but not a GenerateRequest (TGI: the JSON extractor's 422)."""
 
     status = 422

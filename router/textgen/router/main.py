@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from textgen.router.scheduler import Scheduler, SchedulerConfig
 from textgen.router.telemetry import RouterMetrics, TokenLimits
 from textgen.router.tracing import RouterTracing, wrap_app
 from textgen.router.validation import Validation, ValidationLimits
+from textgen.router.watermark import Detector
 
 logger = logging.getLogger("textgen.router")
 
@@ -106,6 +107,7 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
             max_batch_size=config.max_batch_size,
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_tokens=config.max_waiting_tokens,
+            watermark=config.watermark,
         ),
         metrics,
         tracing,
@@ -127,7 +129,21 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
     infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests, metrics, tracing)
     info = _info(config, shard_info, max_batch_total_tokens)
     make_registry(queue, scheduler, allocator, registry)
-    return RouterState(infer, scheduler, client, info, config.payload_limit, registry)
+    detector = Detector(config.watermark, _encode_plain(tokenizer), shard_info.vocab_size)
+    return RouterState(
+        infer,
+        scheduler,
+        client,
+        info,
+        config.payload_limit,
+        registry,
+        detector=detector,
+    )
+
+
+def _encode_plain(tokenizer: TokenizerInfo) -> Callable[[str], list[int]]:
+    """Token ids of a text without the special tokens a prompt would get (e.g. BOS)."""
+    return lambda text: tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _max_batch_total_tokens(config: RouterConfig, allocator: BlockAllocator) -> int:

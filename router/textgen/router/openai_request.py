@@ -124,6 +124,8 @@ def _parameters(body: dict[str, Any], logprobs: int | None, echo: bool) -> dict[
         "top_n_tokens": logprobs or 0,
         "decoder_input_details": echo and logprobs is not None,
         "ignore_eos_token": _get(body, "ignore_eos", bool, False),
+        # textgen's extension, as TGI's `parameters.watermark`.
+        "watermark": _get(body, "watermark", bool, False),
     }
     max_tokens = body.get("max_completion_tokens")
     name = "max_completion_tokens"

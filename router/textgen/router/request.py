@@ -17,11 +17,6 @@ from textgen.router.stop import StopSequenceMatcher
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
-# TGI's watermark defaults (--watermark-gamma/--watermark-delta) and its hash key.
-WATERMARK_GAMMA = 0.5
-WATERMARK_DELTA = 2.0
-WATERMARK_KEY = 15485863
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -85,13 +80,6 @@ class ValidRequest:
             presence_penalty=sampling.presence_penalty,
             min_new_tokens=stopping.min_new_tokens,
             eos_token_ids=sorted(eos_token_ids) if stopping.min_new_tokens else [],
-        )
-
-    def watermark_proto(self) -> pb.WatermarkParameters | None:
-        if not self.watermark:
-            return None
-        return pb.WatermarkParameters(
-            key=WATERMARK_KEY, gamma=WATERMARK_GAMMA, delta=WATERMARK_DELTA
         )
 
     @property

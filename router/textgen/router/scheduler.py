@@ -23,7 +23,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -35,6 +35,7 @@ from textgen.router.queue import Budget, Queue
 from textgen.router.request import Entry, Token
 from textgen.router.telemetry import RouterMetrics
 from textgen.router.tracing import RouterTracing
+from textgen.router.watermark import WatermarkConfig
 
 logger = logging.getLogger("textgen.router.scheduler")
 
@@ -46,6 +47,8 @@ class SchedulerConfig:
     max_batch_size: int | None
     waiting_served_ratio: float
     max_waiting_tokens: int
+    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
+    """Key, gamma and delta sent with requests that ask for `watermark`."""
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Scheduler:
         self._queue = queue
         self._allocator = allocator
         self._config = config
+        self._watermark = config.watermark.to_proto()
         self._batch_ids = itertools.count()
         self.last_step_ok = 0.0
         """Monotonic time of the last step that succeeded (read by /health)."""
@@ -137,7 +141,7 @@ class Scheduler:
         self._metrics.batch_formed(len(entries), concat_reason)
         batch = pb.Batch(
             id=next(self._batch_ids),
-            requests=[_to_proto(entry) for entry in entries],
+            requests=[_to_proto(entry, self._watermark) for entry in entries],
             size=len(entries),
             max_tokens=sum(entry.request.max_total_tokens for entry in entries),
         )
@@ -221,7 +225,7 @@ class Scheduler:
             entry.allocation = None
 
 
-def _to_proto(entry: Entry) -> pb.Request:
+def _to_proto(entry: Entry, watermark: pb.WatermarkParameters) -> pb.Request:
     request = entry.request
     assert entry.allocation is not None, "the queue allocates blocks before batching"
     message = pb.Request(
@@ -233,7 +237,7 @@ def _to_proto(entry: Entry) -> pb.Request:
         slots=entry.allocation.slots(request.input_len),
         prefill_logprobs=request.decoder_input_details,
         max_new_tokens=request.stopping.max_new_tokens,
-        watermark=request.watermark_proto(),
+        watermark=watermark if request.watermark else None,
     )
     message.parameters.logit_bias.update(request.logit_bias)
     return message

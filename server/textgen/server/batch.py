@@ -16,6 +16,7 @@ import torch
 
 from textgen.proto import generate_pb2
 from textgen.server.sampling import SamplingParams, SamplingRequest
+from textgen.server.watermark import WatermarkParams
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RequestState:
     generator: torch.Generator = field(repr=False)
     top_n_tokens: int = 0
     num_cached: int = 0  # tokens whose K/V are in the cache
+    watermark: WatermarkParams | None = None
 
     @property
     def length(self) -> int:
@@ -44,7 +46,12 @@ class RequestState:
 
     def sampling_request(self) -> SamplingRequest:
         return SamplingRequest(
-            self.params, self.generator, self.token_ids, self.prompt_len, self.top_n_tokens
+            self.params,
+            self.generator,
+            self.token_ids,
+            self.prompt_len,
+            self.top_n_tokens,
+            self.watermark,
         )
 
     def append(self, token_id: int) -> None:

@@ -6,6 +6,7 @@ Pipeline, in TGI's order, each stage skipped for requests at its neutral value:
     min_new_tokens: EOS ids get -inf until enough tokens are generated
     repetition penalty (all tokens so far, HF semantics)
     frequency / presence penalties (generated tokens, OpenAI semantics)
+    watermark bias                   (watermarked requests: textgen.server.watermark)
     temperature                      <- chosen-token logprobs are taken here
     top-k, top-p, typical-p, min-p   (only for do_sample requests)
     greedy argmax | multinomial draw with the request's own generator
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.proto import generate_pb2
+from textgen.server.watermark import WatermarkParams, apply_watermark
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class SamplingRequest:
     token_ids: list[int]  # prompt + generated so far
     prompt_len: int
     top_n_tokens: int = 0
+    watermark: WatermarkParams | None = None
 
     @property
     def generated_ids(self) -> list[int]:
@@ -98,6 +101,9 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     logits = apply_min_new_tokens(logits, requests)
     logits = apply_repetition_penalty(logits, requests)
     logits = apply_frequency_presence_penalties(logits, requests)
+    # NOTE: the previous token of the first generated one is the prompt's last.
+    watermarks = [r.watermark for r in requests]
+    logits = apply_watermark(logits, watermarks, [r.token_ids[-1] for r in requests])
     logits = logits / _column(params, "temperature", logits)  # [B, V]
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     next_ids = _choose(logits, requests)  # [B]

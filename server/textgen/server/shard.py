@@ -27,6 +27,7 @@ from textgen.server.validation import (
     check_prefill_request,
     check_warmup,
 )
+from textgen.server.watermark import WatermarkParams
 
 
 class Shard:
@@ -212,6 +213,9 @@ class Shard:
 def _new_state(request: generate_pb2.Request) -> RequestState:
     try:
         params = SamplingParams.from_proto(request.parameters)
+        watermark = (
+            WatermarkParams.from_proto(request.watermark) if request.HasField("watermark") else None
+        )
     except ValueError as e:
         raise InvalidRequestError(f"request {request.id}: {e}") from None
     return RequestState(
@@ -223,6 +227,7 @@ def _new_state(request: generate_pb2.Request) -> RequestState:
         params=params,
         generator=params.make_generator(),
         top_n_tokens=request.top_n_tokens,
+        watermark=watermark,
     )
 
 

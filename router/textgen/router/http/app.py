@@ -28,6 +28,7 @@ from textgen.router.metrics import render
 from textgen.router.request import Entry, StreamEvent
 from textgen.router.scheduler import Scheduler
 from textgen.router.tokenize import token_spans
+from textgen.router.watermark import Detector
 
 # A step that succeeded this recently proves the shards healthy without asking them.
 _HEALTHY_STEP_AGE_S = 5.0
@@ -46,6 +47,7 @@ class RouterState:
     registry: CollectorRegistry | None = None
     compat_return_full_text: bool = True
     """`POST /`'s default for return_full_text: TGI's is true for text-generation models."""
+    detector: Detector | None = None
 
 
 def error_response(error: RouterError) -> JSONResponse:
@@ -211,6 +213,19 @@ def _timing_headers(entry: Entry) -> dict[str, str]:
     }
 
 
+async def watermark_detect(request: Request) -> Response:
+    """Score a text (or token ids) for this server's watermark."""
+    state = _state(request)
+    try:
+        if state.detector is None:
+            raise RouterError("watermark detection is not configured")
+        body = await read_json(request, state.payload_limit)
+        detection = await state.detector.detect(body)
+    except RouterError as error:
+        return error_response(error)
+    return JSONResponse(detection.to_json())
+
+
 async def health(request: Request) -> Response:
     state = _state(request)
     if time.monotonic() - state.scheduler.last_step_ok < _HEALTHY_STEP_AGE_S:
@@ -257,6 +272,7 @@ def build_app(
         Route("/info", info, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/watermark/detect", watermark_detect, methods=["POST"]),
     ]
     from textgen.router.http.openai import openai_routes  # it imports this module
 
