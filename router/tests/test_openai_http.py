@@ -236,9 +236,9 @@ async def test_logit_bias_reaches_the_shard():
         sent = []
         prefill = shard.prefill
 
-        async def recording_prefill(batch):
+        async def recording_prefill(batch, token_masks=()):
             sent.extend(dict(r.parameters.logit_bias) for r in batch.requests)
-            return await prefill(batch)
+            return await prefill(batch, token_masks)
 
         shard.prefill = recording_prefill
         request = chat(max_tokens=2, logit_bias={"72": -100, "7": 2.5})

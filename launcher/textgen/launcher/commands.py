@@ -88,6 +88,8 @@ class TextgenCommands:
             "--max-best-of", str(c.max_best_of),
             "--payload-limit", str(c.payload_limit),
         ]  # fmt: skip
+        if c.disable_grammar_support:
+            argv.append("--disable-grammar-support")
         return argv + observability_flags(c)
 
 

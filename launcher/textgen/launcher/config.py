@@ -58,6 +58,7 @@ FLAG_HELP = {
     "json_output": "log JSON lines instead of plain text (launcher, router and shards)",
     "otlp_endpoint": "export traces over OTLP: gRPC (http://host:4317) or HTTP (.../v1/traces)",
     "otlp_service_name": "traces name the router {name}.router and the shards {name}.server",
+    "disable_grammar_support": "refuse grammar, response_format and tools (422)",
 }
 FLAG_CHOICES = {"dtype": DTYPES}
 
@@ -90,6 +91,7 @@ class LauncherConfig:
     json_output: bool = False
     otlp_endpoint: str | None = None
     otlp_service_name: str = "textgen"
+    disable_grammar_support: bool = False
 
     def __post_init__(self) -> None:
         if self.num_shard != 1:

@@ -40,6 +40,10 @@ class RouterConfig:
     """OTLP collector for traces: gRPC (http://host:4317) or HTTP (http://host:4318/v1/traces)."""
     otlp_service_name: str = "textgen"
     """Traces name the router `{otlp_service_name}.router`."""
+    disable_grammar_support: bool = False
+    """Refuse `grammar`, `response_format` and tools (422, as TGI's flag)."""
+    grammar_compile_timeout_s: float = 5.0
+    """A grammar not compiled in this time is refused (422); it is cached once it is done."""
 
     def __post_init__(self) -> None:
         if self.max_input_tokens >= self.max_total_tokens:
@@ -52,5 +56,7 @@ class RouterConfig:
             raise ValueError("waiting_served_ratio must be >= 0")
         if self.max_best_of < 1 or self.max_top_n_tokens < 0:
             raise ValueError("max_best_of must be >= 1 and max_top_n_tokens >= 0")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError("grammar_compile_timeout_s must be > 0")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")

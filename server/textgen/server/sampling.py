@@ -6,6 +6,7 @@ Pipeline, in TGI's order, each stage skipped for requests at its neutral value:
     min_new_tokens: EOS ids get -inf until enough tokens are generated
     repetition penalty (all tokens so far, HF semantics)
     frequency / presence penalties (generated tokens, OpenAI semantics)
+    grammar mask: tokens outside the router's allowed-token bitmask get -inf
     temperature                      <- chosen-token logprobs are taken here
     top-k, top-p, typical-p, min-p   (only for do_sample requests)
     greedy argmax | multinomial draw with the request's own generator
@@ -77,6 +78,8 @@ class SamplingRequest:
     token_ids: list[int]  # prompt + generated so far
     prompt_len: int
     top_n_tokens: int = 0
+    token_mask: bytes | None = None
+    """Allowed next tokens as packed little-endian int32 words (grammar); None: all."""
 
     @property
     def generated_ids(self) -> list[int]:
@@ -98,6 +101,7 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     logits = apply_min_new_tokens(logits, requests)
     logits = apply_repetition_penalty(logits, requests)
     logits = apply_frequency_presence_penalties(logits, requests)
+    logits = apply_token_masks(logits, requests)
     logits = logits / _column(params, "temperature", logits)  # [B, V]
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     next_ids = _choose(logits, requests)  # [B]
@@ -161,6 +165,35 @@ def apply_frequency_presence_penalties(
         return logits
     counts = _token_counts(logits, [r.generated_ids for r in requests])  # [B, V]
     return logits - frequency * counts - presence * (counts > 0).float()
+
+
+def apply_token_masks(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Grammar guidance: -inf for every token the row's bitmask does not allow. [B, V]
+
+    Bit t % 32 of word t / 32 allows token t; logits columns past the mask's
+    words (padding of the embedding) are never allowed for a masked row.
+    """
+    rows = [b for b, r in enumerate(requests) if r.token_mask is not None]
+    if not rows:
+        return logits
+    vocab_size = logits.shape[-1]
+    num_words = (vocab_size + 31) // 32
+    packed = torch.zeros(len(rows), num_words, dtype=torch.int32)  # [R, W]
+    for i, b in enumerate(rows):
+        words = torch.frombuffer(bytearray(requests[b].token_mask), dtype=torch.int32)
+        n = min(num_words, words.numel())
+        packed[i, :n] = words[:n]
+    allowed = unpack_bits(packed.to(logits.device))[:, :vocab_size]  # [R, V]
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits[index].masked_fill(~allowed, -float("inf"))
+    return logits.index_copy(0, index, masked)
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """[R, W] int32 words to [R, W * 32] bools, bit j of word w being column 32 * w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)  # [32]
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    return bits.flatten(1).bool()
 
 
 def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
