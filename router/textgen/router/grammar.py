@@ -43,11 +43,12 @@ class GrammarSpec:
 
     kind: GrammarKind
     value: str
-    """The regex, or the JSON schema serialised with sorted keys."""
+    """The regex, or the JSON schema serialised compactly."""
 
     @classmethod
     def json_schema(cls, schema: Any) -> GrammarSpec:
-        return cls("json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        # NOTE: keys keep their order: the output's properties follow the schema's.
+        return cls("json", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def regex(cls, pattern: str) -> GrammarSpec:
