@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ def nested_schema(depth: int = NESTED_DEPTH) -> dict[str, Any]:
         "properties": {"leaf": {"type": "string", "maxLength": 20}},
         "required": ["leaf"],
     }
-    for level in range(depth):
+    for _ in range(depth):
         schema = {
             "type": "object",
             "properties": {
@@ -163,7 +164,7 @@ def main() -> None:
 
     model_dir = args.model_dir or str(resolve_model(None))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab_size = json.load(open(f"{model_dir}/config.json"))["vocab_size"]
+    vocab_size = json.loads(Path(model_dir, "config.json").read_text())["vocab_size"]
     eos = [tokenizer.eos_token_id]
     cases = {
         "20 optional properties": (wide_schema(), wide_instance()),
