@@ -310,6 +310,9 @@ def _response_format(response_format: Any) -> dict[str, Any] | None:
     kind = response_format.get("type")
     if kind == "text":
         return None
+    if kind == "json_object" and response_format.get("value") is not None:
+        # TGI's alias of `json`, as huggingface_hub sends a json_schema format.
+        return {"type": "json", "value": _json_schema(response_format["value"])}
     if kind == "json_object":
         return {"type": "json", "value": {"type": "object"}}
     if kind == "json_schema":
@@ -318,7 +321,8 @@ def _response_format(response_format: Any) -> dict[str, Any] | None:
             schema = response_format.get("value")  # TGI's alias
         return {"type": "json", "value": _json_schema(schema)}
     if kind == "json":
-        return {"type": "json", "value": _json_schema_value(response_format.get("value"))}
+        # huggingface_hub sends OpenAI's {"name", "schema"} wrapper as TGI's value.
+        return {"type": "json", "value": _json_schema(response_format.get("value"))}
     if kind == "regex":
         if not isinstance(response_format.get("value"), str):
             raise ChatError("`response_format.value` must be a regex string", "response_format")
