@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -235,9 +236,9 @@ def test_errors_map_to_the_sdk_exceptions(client):
     with pytest.raises(openai.UnprocessableEntityError) as too_long:
         client.chat.completions.create(model="m", messages=CHATS[0], max_tokens=5000)
     assert "`max_tokens`" in too_long.value.message
-    with pytest.raises(openai.UnprocessableEntityError, match="grammar guidance is not enabled"):
+    with pytest.raises(openai.UnprocessableEntityError, match="invalid regex"):
         client.chat.completions.create(
-            model="m", messages=CHATS[0], response_format={"type": "json_object"}
+            model="m", messages=CHATS[0], response_format={"type": "regex", "value": "(a"}
         )
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="m", prompt=[1, 2, 3])
@@ -272,15 +273,22 @@ def test_huggingface_hub_chat_completion(launcher, client):
     )
     sdk = client.chat.completions.create(model="m", messages=CHATS[0], temperature=0, max_tokens=12)
     assert answer.choices[0].message.content == streamed == sdk.choices[0].message.content
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    constrained = hub.chat_completion(
+        CHATS[0],
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
+    assert set(json.loads(constrained.choices[0].message.content)) == {"city"}
     with pytest.raises(HfHubHTTPError) as refused:
-        hub.chat_completion(
-            CHATS[0],
-            max_tokens=12,
-            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
-        )
+        hub.chat_completion(CHATS[0], response_format={"type": "regex", "value": "(a"})
     assert refused.value.response.status_code == 422
-    assert "grammar guidance is not enabled" in refused.value.response.text
+    assert "invalid regex" in refused.value.response.text
 
 
 def test_overload_raises_rate_limit_error(tmp_path, model_dir):

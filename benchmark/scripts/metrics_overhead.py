@@ -48,11 +48,11 @@ class InstantShard:
         self.batches: dict[int, list[int]] = {}
         self.num_steps = 0
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
+    async def prefill(self, batch: pb.Batch, token_masks: object = ()) -> StepResult:
         self.batches[batch.id] = [r.id for r in batch.requests]
         return self._step(batch.id)
 
-    async def decode(self, batches: list[pb.CachedBatch]) -> StepResult:
+    async def decode(self, batches: list[pb.CachedBatch], token_masks: object = ()) -> StepResult:
         self.batches[batches[0].id] = [i for b in batches for i in self.batches.pop(b.id)]
         return self._step(batches[0].id)
 

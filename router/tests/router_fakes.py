@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import llguidance
 
 from textgen.proto import generate_pb2 as pb
 from textgen.router.client import StepResult
+from textgen.router.grammar import GrammarCompiler, GrammarConfig
 from textgen.router.request import TokenizerInfo
 
 EOS = 0
@@ -28,13 +31,38 @@ def tokenizer_info() -> TokenizerInfo:
     return TokenizerInfo(CharTokenizer(), frozenset({EOS}), frozenset({EOS}))
 
 
+VOCAB_SIZE = 128
+
+
+def grammar_compiler(config: GrammarConfig | None = None) -> GrammarCompiler:
+    """The real grammar engine over CharTokenizer's vocabulary (ASCII, id 0 is EOS)."""
+    wrapper = llguidance.TokenizerWrapper(_ByteTokenizer())
+    tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=VOCAB_SIZE)
+    return GrammarCompiler(tokenizer, config or GrammarConfig())
+
+
+class _ByteTokenizer:
+    """What llguidance reads of a tokenizer: CharTokenizer's ids as bytes."""
+
+    eos_token_id = EOS
+    bos_token_id = None
+    tokens = [b"<eos>"] + [bytes([i]) for i in range(1, VOCAB_SIZE)]
+    special_token_ids = [EOS]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
 @dataclass
 class FakeShard:
     """Replays a script per request: the characters of `replies[first prompt char]`, then EOS.
 
     It keeps TGI's batch semantics (prefill creates a batch, decode concatenates,
     filter keeps ids) and records every call, so tests can check who ran with whom.
-    `gate`, when set, makes each decode wait until the test releases it.
+    `gate`, when set, makes each decode wait until the test releases it. A request
+    with a token mask gets its scripted token if the mask allows it, else the
+    lowest allowed one (as a real shard's -inf mask would force); `masks` records
+    each step's masks by request id.
     """
 
     replies: dict[str, str]
@@ -44,17 +72,22 @@ class FakeShard:
     scripts: dict[int, str] = field(default_factory=dict)
     gate: asyncio.Semaphore | None = None
     fail_next_decode: bool = False
+    masks: list[dict[int, bytes]] = field(default_factory=list)
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
+    async def prefill(
+        self, batch: pb.Batch, token_masks: Sequence[pb.TokenMask] = ()
+    ) -> StepResult:
         ids = [r.id for r in batch.requests]
         self.calls.append(("prefill", tuple(ids)))
         for request in batch.requests:
             self.scripts[request.id] = self.replies[chr(request.input_ids[0])]
             self.progress[request.id] = 0
         self.batches[batch.id] = ids
-        return self._step(batch.id, ids)
+        return self._step(batch.id, ids, token_masks)
 
-    async def decode(self, batches: list[pb.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: list[pb.CachedBatch], token_masks: Sequence[pb.TokenMask] = ()
+    ) -> StepResult:
         if self.gate is not None:
             await self.gate.acquire()
         ids = [i for b in batches for i in self.batches.pop(b.id)]
@@ -63,7 +96,7 @@ class FakeShard:
             self.fail_next_decode = False
             raise rpc_error("shard exploded")
         self.batches[batches[0].id] = ids
-        return self._step(batches[0].id, ids)
+        return self._step(batches[0].id, ids, token_masks)
 
     async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch | None:
         self.calls.append(("filter", tuple(request_ids)))
@@ -77,11 +110,17 @@ class FakeShard:
         self.calls.append(("clear", () if batch_id is None else (batch_id,)))
         self.batches.pop(batch_id, None)
 
-    def _step(self, batch_id: int, ids: list[int]) -> StepResult:
+    def _step(
+        self, batch_id: int, ids: list[int], token_masks: Sequence[pb.TokenMask]
+    ) -> StepResult:
+        masks = {mask.request_id: mask.bitmask for mask in token_masks}
+        self.masks.append(masks)
         generations = []
         for request_id in ids:
             script, n = self.scripts[request_id], self.progress[request_id]
             token = ord(script[n]) if n < len(script) else EOS
+            if request_id in masks:
+                token = _allowed(token, masks[request_id])
             self.progress[request_id] = n + 1
             generations.append(
                 pb.Generation(request_id=request_id, tokens=pb.Tokens(ids=[token], logprobs=[-0.5]))
@@ -91,6 +130,16 @@ class FakeShard:
     def _cached(self, batch_id: int) -> pb.CachedBatch:
         ids = self.batches[batch_id]
         return pb.CachedBatch(id=batch_id, request_ids=ids, size=len(ids))
+
+
+def allowed_tokens(bitmask: bytes) -> list[int]:
+    """The token ids a packed little-endian int32 bitmask allows."""
+    return [t for t in range(len(bitmask) * 8) if bitmask[t // 8] >> (t % 8) & 1]
+
+
+def _allowed(token: int, bitmask: bytes) -> int:
+    allowed = allowed_tokens(bitmask)
+    return token if token in allowed else allowed[0]
 
 
 def rpc_error(details: str) -> grpc.aio.AioRpcError:

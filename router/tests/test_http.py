@@ -8,6 +8,7 @@ import httpx
 from router_fakes import CharTokenizer, FakeShard, tokenizer_info
 
 from textgen.router.allocator import BlockAllocator
+from textgen.router.grammar import GrammarCompiler
 from textgen.router.http.app import RouterState, build_app
 from textgen.router.infer import Infer
 from textgen.router.metrics import make_registry
@@ -20,17 +21,22 @@ REPLIES = {"H": "Hello world", "S": "one two three four", "L": "x" * 200}
 
 @contextlib.asynccontextmanager
 async def router(
-    max_concurrent_requests: int = 8, payload_limit: int = 10_000, max_best_of: int = 2
+    max_concurrent_requests: int = 8,
+    payload_limit: int = 10_000,
+    max_best_of: int = 2,
+    grammar: GrammarCompiler | None = None,
 ):
     shard = FakeShard(REPLIES)
     allocator = BlockAllocator(num_blocks=256, block_size=4)
     queue = Queue(allocator)
-    scheduler = Scheduler(shard, queue, allocator, SchedulerConfig(256, None, None, 0.3, 20))
+    config = SchedulerConfig(256, None, None, 0.3, 20)
+    scheduler = Scheduler(shard, queue, allocator, config, grammar=grammar)
     validation = Validation(
         CharTokenizer().encode,
         ValidationLimits(
             max_input_tokens=32, max_total_tokens=64, max_stop_sequences=2, max_best_of=max_best_of
         ),
+        grammar,
     )
     infer = Infer(validation, queue, tokenizer_info(), max_concurrent_requests)
     registry = make_registry(queue, scheduler, allocator)

@@ -7,9 +7,10 @@ import json
 import httpx
 import openai
 import pytest
-from router_fakes import EOS, CharTokenizer, FakeShard
+from router_fakes import EOS, CharTokenizer, FakeShard, grammar_compiler
 
 from textgen.router.allocator import BlockAllocator
+from textgen.router.grammar import GrammarCompiler
 from textgen.router.http.app import RouterState, build_app
 from textgen.router.infer import Infer
 from textgen.router.openai_response import StopHoldback, trim_stop
@@ -18,7 +19,11 @@ from textgen.router.request import TokenizerInfo
 from textgen.router.scheduler import Scheduler, SchedulerConfig
 from textgen.router.validation import Validation, ValidationLimits
 
-REPLIES = {"H": "Hello world", "S": "one two three four"}
+REPLIES = {
+    "H": "Hello world",
+    "S": "one two three four",
+    "W": '{"name":"w","arguments":{"city":"Rome","days":3}}',
+}
 
 
 class ChatCharTokenizer(CharTokenizer):
@@ -36,14 +41,20 @@ class ChatCharTokenizer(CharTokenizer):
 
 
 @contextlib.asynccontextmanager
-async def router(max_concurrent_requests: int = 8, chat_template: str | None = "x"):
+async def router(
+    max_concurrent_requests: int = 8,
+    chat_template: str | None = "x",
+    grammar: GrammarCompiler | None = None,
+):
     shard = FakeShard(REPLIES)
     allocator = BlockAllocator(num_blocks=256, block_size=4)
     queue = Queue(allocator)
-    scheduler = Scheduler(shard, queue, allocator, SchedulerConfig(256, None, None, 0.3, 20))
+    config = SchedulerConfig(256, None, None, 0.3, 20)
+    scheduler = Scheduler(shard, queue, allocator, config, grammar=grammar)
     validation = Validation(
         CharTokenizer().encode,
         ValidationLimits(max_input_tokens=32, max_total_tokens=64, max_stop_sequences=2),
+        grammar,
     )
     info = TokenizerInfo(ChatCharTokenizer(chat_template), frozenset({EOS}), frozenset({EOS}))
     infer = Infer(validation, queue, info, max_concurrent_requests)
@@ -202,9 +213,14 @@ async def test_completions_stream_with_logprobs_offsets():
         ({"model": "m"}, 400, "messages", "`messages` must be"),
         (chat(max_tokens=500), 422, "max_tokens", "`max_tokens` must be <= 64"),
         (chat(logprobs=True, top_logprobs=9), 422, "top_logprobs", "`top_logprobs`"),
-        (chat(response_format={"type": "json_object"}), 422, "response_format", "grammar"),
+        (chat(response_format={"type": "json_object"}), 422, None, "grammar is not supported"),
         (chat(response_format={"type": "xml"}), 400, "response_format", "'json_schema'"),
-        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 422, "tools", "grammar"),
+        (
+            chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+            422,
+            None,
+            "grammar is not supported",
+        ),
         (chat(tool_choice="required"), 400, "tool_choice", "needs `tools`"),
         (chat(logit_bias={"500": 10}), 400, "logit_bias", "not a token id"),
         (chat(logit_bias={"5": 101}), 400, "logit_bias", "<= 100"),
@@ -236,9 +252,9 @@ async def test_logit_bias_reaches_the_shard():
         sent = []
         prefill = shard.prefill
 
-        async def recording_prefill(batch):
+        async def recording_prefill(batch, token_masks=()):
             sent.extend(dict(r.parameters.logit_bias) for r in batch.requests)
-            return await prefill(batch)
+            return await prefill(batch, token_masks)
 
         shard.prefill = recording_prefill
         request = chat(max_tokens=2, logit_bias={"72": -100, "7": 2.5})
@@ -298,6 +314,75 @@ async def test_models_lists_the_served_model():
     assert [m["id"] for m in listing["data"]] == ["fake-model"]
     assert missing.status_code == 404
     assert found.json()["id"] == "fake-model"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "w",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+        },
+    },
+}
+NAMED = {"type": "function", "function": {"name": "w"}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED])
+async def test_tool_call_is_answered_as_tool_calls(tool_choice):
+    async with router(grammar=grammar_compiler()) as (client, _, shard):
+        request = chat("W?", tools=[WEATHER], tool_choice=tool_choice, max_tokens=60)
+        response = await client.post("/v1/chat/completions", json=request)
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "w"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Rome", "days": 3}
+    assert shard.masks[0]  # the call was constrained from its first token
+
+
+async def test_tool_call_streams_as_deltas_through_the_sdk():
+    async with router(grammar=grammar_compiler()) as (client, _, _):
+        sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key="-", http_client=client)
+        stream = await sdk.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "W?"}],
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=60,
+            stream=True,
+        )
+        names, arguments, finish = [], "", None
+        async for chunk in stream:
+            delta = chunk.choices[0].delta
+            for call in delta.tool_calls or []:
+                names += [call.function.name] if call.function.name else []
+                arguments += call.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert names == ["w"]
+    assert json.loads(arguments) == {"city": "Rome", "days": 3}
+    assert finish == "tool_calls"
+
+
+async def test_response_format_json_schema_constrains_the_output():
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    async with router(grammar=grammar_compiler()) as (client, _, _):
+        response_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+        request = chat("Hi", response_format=response_format, max_tokens=50)
+        response = await client.post("/v1/chat/completions", json=request)
+    choice = response.json()["choices"][0]
+    # The shard's script ("Hello world") is not JSON: the masks force the schema on it.
+    assert json.loads(choice["message"]["content"]) == {"ok": False}
+    assert choice["finish_reason"] == "stop"
 
 
 def test_watermark_extension_reaches_the_generate_parameters():

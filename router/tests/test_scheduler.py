@@ -21,7 +21,9 @@ def make_entry(request_id: int, prompt: str, max_new_tokens: int = 16, stop=()) 
 
 
 class Harness:
-    def __init__(self, replies: dict[str, str], num_blocks: int = 64, gated: bool = False):
+    def __init__(
+        self, replies: dict[str, str], num_blocks: int = 64, gated: bool = False, grammar=None
+    ):
         self.shard = FakeShard(replies, gate=asyncio.Semaphore(0) if gated else None)
         self.allocator = BlockAllocator(num_blocks, block_size=4)
         self.queue = Queue(self.allocator)
@@ -32,16 +34,19 @@ class Harness:
             waiting_served_ratio=0.3,
             max_waiting_tokens=20,
         )
-        self.scheduler = Scheduler(self.shard, self.queue, self.allocator, config)
+        self.scheduler = Scheduler(self.shard, self.queue, self.allocator, config, grammar=grammar)
         self.task = asyncio.create_task(self.scheduler.run())
 
     async def result(self, entry: Entry) -> str:
+        return (await self.final_event(entry)).ending.generated_text
+
+    async def final_event(self, entry: Entry):
         while True:
             event = await asyncio.wait_for(entry.events.get(), 5)
             if not hasattr(event, "ending"):
                 raise event
             if event.ending is not None:
-                return event.ending.generated_text
+                return event
 
     def steps(self, n: int) -> None:
         for _ in range(n):

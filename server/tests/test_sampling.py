@@ -14,6 +14,7 @@ from textgen.server.sampling import (
     apply_frequency_presence_penalties,
     apply_logit_bias,
     apply_repetition_penalty,
+    apply_token_masks,
     sample,
     warp,
 )
@@ -141,3 +142,53 @@ def test_min_new_tokens_round_trips_through_the_proto():
     proto = generate_pb2.SamplingParameters(min_new_tokens=3, eos_token_ids=[7, 9])
     params = SamplingParams.from_proto(proto)
     assert (params.min_new_tokens, params.eos_token_ids) == (3, (7, 9))
+
+
+def packed(allowed: list[int], vocab_size: int) -> bytes:
+    """A little-endian int32 bitmask allowing `allowed` (the router's TokenMask.bitmask)."""
+    words = [0] * ((vocab_size + 31) // 32)
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    return torch.tensor(words, dtype=torch.int64).to(torch.int32).numpy().tobytes()
+
+
+def test_token_mask_leaves_only_allowed_tokens_on_masked_rows():
+    vocab_size = 70  # three words: bits past the vocabulary, and bit 31 (the sign bit)
+    logits = torch.zeros(2, vocab_size)
+    masked = SamplingRequest(
+        SamplingParams(), torch.Generator(), [0], 1, 0, token_mask=packed([1, 31, 69], 70)
+    )
+    free = request(SamplingParams())
+    out = apply_token_masks(logits, [free, masked])
+    assert bool((out[0] == 0).all())
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [1, 31, 69]
+
+
+def test_logits_past_the_mask_are_never_allowed():
+    logits = torch.zeros(1, 40)  # the embedding is padded past the mask's one word
+    masked = SamplingRequest(
+        SamplingParams(), torch.Generator(), [0], 1, 0, token_mask=packed([3], 32)
+    )
+    assert torch.isfinite(apply_token_masks(logits, [masked])).nonzero()[:, 1].tolist() == [3]
+
+
+def test_sampling_never_leaves_the_mask_and_comes_after_penalties():
+    vocab_size = 50
+    allowed = [7, 8, 40]
+    for seed in range(30):
+        params = SamplingParams(do_sample=True, seed=seed, temperature=1.5, repetition_penalty=1.3)
+        req = SamplingRequest(
+            params, params.make_generator(), [7, 7], 1, 0, token_mask=packed(allowed, 50)
+        )
+        output = sample(torch.randn(1, vocab_size), [req])
+        assert output.next_ids[0] in allowed
+    # Greedy picks the best allowed token, with logprobs over the allowed ones only.
+    logits = torch.tensor([[0.0, 9.0, 1.0, 2.0]])
+    req = SamplingRequest(
+        SamplingParams(), torch.Generator(), [0], 1, 0, token_mask=packed([2, 3], 4)
+    )
+    output = sample(logits, [req])
+    assert output.next_ids == [3]
+    assert math.isclose(
+        output.logprobs[0], math.log(math.e**2 / (math.e + math.e**2)), rel_tol=1e-5
+    )

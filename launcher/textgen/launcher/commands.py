@@ -92,6 +92,8 @@ class TextgenCommands:
             "--payload-limit", str(c.payload_limit),
         ]  # fmt: skip
         argv += _watermark_args(c)
+        if c.disable_grammar_support:
+            argv.append("--disable-grammar-support")
         return argv + observability_flags(c)
 
 

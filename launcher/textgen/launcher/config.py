@@ -62,6 +62,7 @@ FLAG_HELP = {
     "watermark_delta": "bias added to green logits; default: 2.0",
     "watermark_key": "secret seeding the green lists; default: a public constant (see README)",
     "watermark_z_threshold": "z-score above which /watermark/detect says watermarked; default: 4.0",
+    "disable_grammar_support": "refuse grammar, response_format and tools (422)",
 }
 FLAG_CHOICES = {"dtype": DTYPES}
 
@@ -99,6 +100,7 @@ class LauncherConfig:
     watermark_delta: float | None = None
     watermark_key: str | None = None
     watermark_z_threshold: float | None = None
+    disable_grammar_support: bool = False
 
     def __post_init__(self) -> None:
         if self.num_shard < 1:

@@ -78,13 +78,17 @@ class ShardClient:
         replies = await self._all("Warmup", request)
         return min(reply.num_blocks for reply in replies)
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
-        reply = (await self._all("Prefill", pb.PrefillRequest(batch=batch)))[0]
-        return _step_result(reply)
+    async def prefill(
+        self, batch: pb.Batch, token_masks: Sequence[pb.TokenMask] = ()
+    ) -> StepResult:
+        request = pb.PrefillRequest(batch=batch, token_masks=token_masks)
+        return _step_result((await self._all("Prefill", request))[0])
 
-    async def decode(self, batches: list[pb.CachedBatch]) -> StepResult:
-        reply = (await self._all("Decode", pb.DecodeRequest(batches=batches)))[0]
-        return _step_result(reply)
+    async def decode(
+        self, batches: list[pb.CachedBatch], token_masks: Sequence[pb.TokenMask] = ()
+    ) -> StepResult:
+        request = pb.DecodeRequest(batches=batches, token_masks=token_masks)
+        return _step_result((await self._all("Decode", request))[0])
 
     async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch | None:
         request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)

@@ -50,6 +50,10 @@ class RouterConfig:
     """Secret the green lists are seeded from; the default is public (see README)."""
     watermark_z_threshold: float = 4.0
     """z-score above which /watermark/detect says a text is watermarked."""
+    disable_grammar_support: bool = False
+    """Refuse `grammar`, `response_format` and tools (422, as TGI's flag)."""
+    grammar_compile_timeout_s: float = 5.0
+    """A grammar not compiled in this time is refused (422); it is cached once it is done."""
 
     def __post_init__(self) -> None:
         self.watermark  # noqa: B018 -- WatermarkConfig checks gamma, delta and the key
@@ -63,6 +67,8 @@ class RouterConfig:
             raise ValueError("waiting_served_ratio must be >= 0")
         if self.max_best_of < 1 or self.max_top_n_tokens < 0:
             raise ValueError("max_best_of must be >= 1 and max_top_n_tokens >= 0")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError("grammar_compile_timeout_s must be > 0")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
 

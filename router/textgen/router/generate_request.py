@@ -31,6 +31,16 @@ class DeserializationError(ValidationError):
 
 
 @dataclass(frozen=True)
+class GrammarParameter:
+    """TGI's `{"type": "json" | "json_object" | "regex", "value": ...}`."""
+
+    kind: str
+    """"json" (also for TGI's `json_object` alias) or "regex"."""
+    value: Any
+    """A JSON schema (object, or a string holding one) or a regex string."""
+
+
+@dataclass(frozen=True)
 class GenerateParameters:
     """`parameters`, None where the client gave nothing (or null)."""
 
@@ -56,6 +66,7 @@ class GenerateParameters:
     top_n_tokens: int | None = None
     adapter_id: str | None = None
     ignore_eos_token: bool = False
+    grammar: GrammarParameter | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,33 @@ def parse_parameters(raw: Any) -> GenerateParameters:
         top_n_tokens=f.integer("top_n_tokens", 0, _U32, "u32"),
         adapter_id=f.optional_string("adapter_id"),
         ignore_eos_token=f.boolean("ignore_eos_token", False),
+        grammar=parse_grammar(raw.get("grammar")),
     )
+
+
+def parse_grammar(raw: Any) -> GrammarParameter | None:
+    """As TGI's serde enum: tag `type`, content `value`."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise DeserializationError(
+            f"parameters.grammar: invalid type: {_json_kind(raw)}, expected adjacently tagged enum"
+        )
+    kind = raw.get("type")
+    if kind not in ("json", "json_object", "regex"):
+        if kind is None:
+            raise DeserializationError("parameters.grammar: missing field `type`")
+        raise DeserializationError(
+            f"parameters.grammar: unknown variant {json.dumps(kind)}, expected `json` or `regex`"
+        )
+    if "value" not in raw:
+        raise DeserializationError("parameters.grammar: missing field `value`")
+    value = raw["value"]
+    if kind == "regex" and not isinstance(value, str):
+        raise DeserializationError(
+            f"parameters.grammar.value: invalid type: {_json_kind(value)}, expected a string"
+        )
+    return GrammarParameter("regex" if kind == "regex" else "json", value)
 
 
 class _Fields:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -22,6 +23,7 @@ from textgen.router import __version__
 from textgen.router.allocator import BlockAllocator
 from textgen.router.client import ShardClient
 from textgen.router.config import RouterConfig
+from textgen.router.grammar import GrammarCompiler, GrammarConfig
 from textgen.router.http.app import RouterState, build_app
 from textgen.router.infer import Infer
 from textgen.router.logs import setup_logging
@@ -97,22 +99,17 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
     queue = Queue(allocator)
     registry = CollectorRegistry(auto_describe=True)
     metrics = RouterMetrics(registry, TokenLimits(config.max_input_tokens, config.max_total_tokens))
-    scheduler = Scheduler(
-        client,
-        queue,
-        allocator,
-        SchedulerConfig(
-            max_batch_prefill_tokens=config.max_batch_prefill_tokens,
-            max_batch_total_tokens=max_batch_total_tokens,
-            max_batch_size=config.max_batch_size,
-            waiting_served_ratio=config.waiting_served_ratio,
-            max_waiting_tokens=config.max_waiting_tokens,
-            watermark=config.watermark,
-        ),
-        metrics,
-        tracing,
+    scheduler_config = SchedulerConfig(
+        max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+        max_batch_total_tokens=max_batch_total_tokens,
+        max_batch_size=config.max_batch_size,
+        waiting_served_ratio=config.waiting_served_ratio,
+        max_waiting_tokens=config.max_waiting_tokens,
+        watermark=config.watermark,
     )
     tokenizer = load_tokenizer(config.model_dir)
+    grammar = await _grammar_compiler(config, tokenizer, shard_info.vocab_size)
+    scheduler = Scheduler(client, queue, allocator, scheduler_config, metrics, tracing, grammar)
     validation = Validation(
         lambda text, add_special_tokens=True: tokenizer.tokenizer(
             text, add_special_tokens=add_special_tokens
@@ -125,6 +122,7 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
             max_new_tokens_default=config.max_new_tokens_default,
             max_best_of=config.max_best_of,
         ),
+        grammar,
     )
     infer = Infer(validation, queue, tokenizer, config.max_concurrent_requests, metrics, tracing)
     info = _info(config, shard_info, max_batch_total_tokens)
@@ -144,6 +142,21 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
 def _encode_plain(tokenizer: TokenizerInfo) -> Callable[[str], list[int]]:
     """Token ids of a text without the special tokens a prompt would get (e.g. BOS)."""
     return lambda text: tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def _grammar_compiler(
+    config: RouterConfig, tokenizer: TokenizerInfo, vocab_size: int
+) -> GrammarCompiler | None:
+    if config.disable_grammar_support:
+        return None
+    grammar_config = GrammarConfig(compile_timeout_s=config.grammar_compile_timeout_s)
+    return await asyncio.to_thread(
+        GrammarCompiler.from_hf,
+        tokenizer.tokenizer,
+        vocab_size,
+        tokenizer.eos_token_ids,
+        grammar_config,
+    )
 
 
 def _max_batch_total_tokens(config: RouterConfig, allocator: BlockAllocator) -> int:
@@ -194,8 +207,6 @@ def _info(config: RouterConfig, shard: pb.InfoResponse, max_batch_total_tokens: 
 def make_lifespan(config: RouterConfig, tracing: RouterTracing | None = None) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        import asyncio
-
         state = await start(config, tracing)
         app.state.router = state
         loop_task = asyncio.create_task(state.scheduler.run(), name="batching-loop")

@@ -10,29 +10,19 @@ validation already makes (lengths, top-n, stop count) are left to it (422).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from textgen.router.chat import ChatError, ChatTemplate
-from textgen.router.errors import ValidationError
+from textgen.router.tool_calls import tool_call_schema
 
 # Upper bound on `n` (choices per prompt); each choice is a request of its own.
 MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-
-
-class GrammarNotEnabledError(ValidationError):
-    """A request that only a grammar could honour: refused, never silently ignored."""
-
-    def __init__(self, param: str) -> None:
-        super().__init__(
-            f"`{param}` cannot be honoured: grammar guidance is not enabled on this server "
-            "yet, so the output could not be constrained as asked"
-        )
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -51,25 +41,26 @@ class Plan:
     echo: bool = False
     stop: tuple[str, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()
+    tool_call: bool = False
+    """The output is a tool call (tool_choice auto, required or named): answer `tool_calls`."""
 
 
 def chat_plan(body: Any, template: ChatTemplate, vocab_size: int) -> Plan:
     body = _object(body)
-    tools, tools_need_grammar = _tools(body)
-    format_needs_grammar = _response_format(body.get("response_format"))
+    tools, choice = _tools(body)
+    grammar = _response_format(body.get("response_format"))
+    if choice != "none":
+        # NOTE: a tool call's schema takes the place of any response_format.
+        assert tools is not None
+        grammar = {"type": "json", "value": tool_call_schema(tools, choice)}
     logprobs = None
     if _get(body, "logprobs", bool, False):
         logprobs = _bounded(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
     elif body.get("top_logprobs") is not None:
         raise ChatError("`top_logprobs` needs `logprobs` set to true", "top_logprobs")
     prompt = template.render(body.get("messages"), tools)
-    plan = _plan(body, [prompt], logprobs, echo=False, vocab_size=vocab_size)
-    # Refused only once the whole request is known to be well formed.
-    if tools_need_grammar:
-        raise GrammarNotEnabledError("tools")
-    if format_needs_grammar:
-        raise GrammarNotEnabledError("response_format")
-    return plan
+    plan = _plan(body, [prompt], logprobs, echo=False, vocab_size=vocab_size, grammar=grammar)
+    return dataclasses.replace(plan, tool_call=choice != "none")
 
 
 def completion_plan(body: Any, vocab_size: int) -> Plan:
@@ -84,7 +75,12 @@ def completion_plan(body: Any, vocab_size: int) -> Plan:
 
 
 def _plan(
-    body: dict[str, Any], prompts: list[str], logprobs: int | None, echo: bool, vocab_size: int
+    body: dict[str, Any],
+    prompts: list[str],
+    logprobs: int | None,
+    echo: bool,
+    vocab_size: int,
+    grammar: dict[str, Any] | None = None,
 ) -> Plan:
     n = _bounded(body, "n", 1, MAX_CHOICES, 1)
     best_of = body.get("best_of")
@@ -94,6 +90,8 @@ def _plan(
     stream = _get(body, "stream", bool, False)
     include_usage = _stream_options(body, stream)
     parameters = _parameters(body, logprobs, echo)
+    if grammar is not None:
+        parameters["grammar"] = grammar
     seed = parameters.pop("seed", None)
     bodies, choice_prompts = [], []
     for prompt in prompts:
@@ -244,8 +242,8 @@ def _logit_bias(bias: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
-def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, bool]:
-    """Validate `tools`/`tool_choice`: the tools to render, and whether a grammar is needed."""
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    """Validate `tools`/`tool_choice`: the tools to render, and the choice ("none" if no call)."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     names = tool_names(tools) if tools is not None else []
@@ -261,7 +259,7 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, bool]:
         _named_tool_choice(choice, names)
     if choice != "none" and not names:
         raise ChatError("`tool_choice` needs `tools`", "tool_choice")
-    return tools or None, choice != "none"
+    return tools or None, choice
 
 
 def tool_names(tools: Any) -> list[str]:
@@ -302,40 +300,43 @@ def _named_tool_choice(choice: Any, names: list[str]) -> None:
         raise ChatError(f"`tool_choice` names {name!r}, which is not in `tools`", "tool_choice")
 
 
-def _response_format(response_format: Any) -> bool:
-    """Validate OpenAI's `text`/`json_object`/`json_schema` and TGI's `json`/`regex` aliases.
+def _response_format(response_format: Any) -> dict[str, Any] | None:
+    """OpenAI's `text`/`json_object`/`json_schema` and TGI's `json`/`regex` aliases.
 
-    Returns whether the format needs a grammar.
+    Returns the TGI `grammar` parameter that enforces the format, if any.
     """
     if response_format is None:
-        return False
+        return None
     if not isinstance(response_format, dict):
         raise ChatError("`response_format` must be an object", "response_format")
     kind = response_format.get("type")
     if kind == "text":
-        return False
+        return None
+    if kind == "json_object" and response_format.get("value") is not None:
+        # TGI's alias of `json`, as huggingface_hub sends a json_schema format.
+        return {"type": "json", "value": _json_schema(response_format["value"])}
     if kind == "json_object":
-        return True
+        return {"type": "json", "value": {"type": "object"}}
     if kind == "json_schema":
         schema = response_format.get("json_schema")
         if schema is None:
             schema = response_format.get("value")  # TGI's alias
-        _json_schema(schema)
-    elif kind == "json":
-        _json_schema_value(response_format.get("value"))
-    elif kind == "regex":
+        return {"type": "json", "value": _json_schema(schema)}
+    if kind == "json":
+        # huggingface_hub sends OpenAI's {"name", "schema"} wrapper as TGI's value.
+        return {"type": "json", "value": _json_schema(response_format.get("value"))}
+    if kind == "regex":
         if not isinstance(response_format.get("value"), str):
             raise ChatError("`response_format.value` must be a regex string", "response_format")
-    else:
-        raise ChatError(
-            "`response_format.type` must be 'text', 'json_object', 'json_schema', 'json' "
-            f"or 'regex'; got {kind!r}",
-            "response_format",
-        )
-    return True
+        return {"type": "regex", "value": response_format["value"]}
+    raise ChatError(
+        "`response_format.type` must be 'text', 'json_object', 'json_schema', 'json' "
+        f"or 'regex'; got {kind!r}",
+        "response_format",
+    )
 
 
-def _json_schema(schema: Any) -> None:
+def _json_schema(schema: Any) -> Any:
     if not isinstance(schema, dict):
         raise ChatError("`response_format.json_schema` must be an object", "response_format")
     if "schema" in schema or "name" in schema:
@@ -345,11 +346,11 @@ def _json_schema(schema: Any) -> None:
                 "`response_format.json_schema.name` must be 1-64 letters, digits, '_' or '-'",
                 "response_format",
             )
-        _json_schema_value(schema.get("schema", {}))
-    else:
-        _json_schema_value(schema)  # TGI's form: the schema itself
+        return _json_schema_value(schema.get("schema", {}))
+    return _json_schema_value(schema)  # TGI's form: the schema itself
 
 
-def _json_schema_value(schema: Any) -> None:
+def _json_schema_value(schema: Any) -> Any:
     if not isinstance(schema, (dict, bool)):
         raise ChatError("the JSON schema of `response_format` must be an object", "response_format")
+    return schema

@@ -12,7 +12,8 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from textgen.proto import generate_pb2 as pb
 from textgen.router.allocator import BlockAllocation
 from textgen.router.detokenizer import IncrementalDetokenizer, Tokenizer
-from textgen.router.errors import RouterError
+from textgen.router.errors import GenerationError, RouterError
+from textgen.router.grammar import CompiledGrammar
 from textgen.router.stop import StopSequenceMatcher
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -60,6 +61,8 @@ class ValidRequest:
     """Accepted as TGI does; with no adapters loaded every id falls back to the base model."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits (OpenAI's logit_bias; not a TGI parameter)."""
+    grammar: CompiledGrammar | None = None
+    """The grammar the output must match; each sequence gets its own matcher of it."""
 
     @property
     def input_len(self) -> int:
@@ -163,6 +166,8 @@ class Entry:
         self._matched_stop: str | None = None
         self.span: Span = INVALID_SPAN
         """The request's tracing span (a non-recording one when tracing is off)."""
+        self.guide = None if request.grammar is None else request.grammar.new_guide()
+        """The grammar's state: advanced by every token, it gives the next step's token mask."""
 
     @property
     def done(self) -> bool:
@@ -182,6 +187,10 @@ class Entry:
             self.timings.first_token = now
         self.num_generated += 1
         token = self.info.token(token_id, self._detokenizer.step(token_id), logprob)
+        if self.guide is not None and not self.guide.accept(token_id):
+            # Only a shard that ignored the mask gets here: never return text the grammar refuses.
+            self.fail(GenerationError(f"token {token_id} broke the grammar: {self.guide.error}"))
+            return StreamEvent(token, top)
         if not token.special:
             self._text_parts.append(token.text)
         finish_reason = self._finish_reason(token)
@@ -210,6 +219,9 @@ class Entry:
     def _finish_reason(self, token: Token) -> FinishReason | None:
         stopping = self.request.stopping
         if token.id in self.info.eos_token_ids and not stopping.ignore_eos_token:
+            return "eos_token"
+        if self.guide is not None and self.guide.finished:
+            # NOTE: the grammar is complete and allows only EOS: end now, as if it came.
             return "eos_token"
         if self.num_generated >= stopping.min_new_tokens and self._stopped_by_sequence(token):
             return "stop_sequence"

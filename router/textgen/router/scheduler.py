@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,6 +32,7 @@ from textgen.proto import generate_pb2 as pb
 from textgen.router.allocator import BlockAllocator
 from textgen.router.client import ShardClient, StepResult
 from textgen.router.errors import GenerationError
+from textgen.router.grammar import GrammarCompiler
 from textgen.router.queue import Budget, Queue
 from textgen.router.request import Entry, Token
 from textgen.router.telemetry import RouterMetrics
@@ -74,8 +76,10 @@ class Scheduler:
         config: SchedulerConfig,
         metrics: RouterMetrics | None = None,
         tracing: RouterTracing | None = None,
+        grammar: GrammarCompiler | None = None,
     ) -> None:
         self._client = client
+        self._grammar = grammar
         self._queue = queue
         self._allocator = allocator
         self._config = config
@@ -149,7 +153,7 @@ class Scheduler:
         self._metrics.step_started("prefill")
         try:
             with self._tracing.step("prefill", entries):
-                result = await self._client.prefill(batch)
+                result = await self._client.prefill(batch, self._token_masks(entries))
         except grpc.aio.AioRpcError as error:
             self._metrics.step_failed("prefill")
             await self._fail(list(running.values()), [batch.id], error)
@@ -168,7 +172,8 @@ class Scheduler:
         self._metrics.step_started("decode")
         try:
             with self._tracing.step("decode", entries.values()):
-                result = await self._client.decode([batch.cached for batch in live])
+                masks = self._token_masks(entries.values())
+                result = await self._client.decode([batch.cached for batch in live], masks)
         except grpc.aio.AioRpcError as error:
             self._metrics.step_failed("decode")
             await self._fail(list(entries.values()), [b.cached.id for b in live], error)
@@ -218,6 +223,14 @@ class Scheduler:
                 await self._client.clear_cache(batch_id)
             except grpc.aio.AioRpcError as clear_error:
                 logger.error("clearing batch %d failed: %s", batch_id, clear_error.details())
+
+    def _token_masks(self, entries: Iterable[Entry]) -> list[pb.TokenMask]:
+        """The next step's allowed tokens of every request that has a grammar."""
+        guides = [(entry.id, entry.guide) for entry in entries if entry.guide is not None]
+        if not guides:
+            return []
+        assert self._grammar is not None, "validation compiles grammars only when enabled"
+        return self._grammar.token_masks(guides)
 
     def _release(self, entry: Entry) -> None:
         if entry.allocation is not None:

@@ -8,13 +8,20 @@ working. textgen's extensions (`min_p`, `presence_penalty`, `min_new_tokens`,
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from textgen.router.errors import ValidationError
-from textgen.router.generate_request import GenerateParameters, GenerateRequest, parse_request
+from textgen.router.generate_request import (
+    GenerateParameters,
+    GenerateRequest,
+    GrammarParameter,
+    parse_request,
+)
+from textgen.router.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
 from textgen.router.request import SamplingParams, StoppingParams, ValidRequest
 
 _PREFIX = "Input validation error: "
@@ -39,10 +46,19 @@ def random_seed() -> int:
 
 
 class Validation:
-    def __init__(self, encode: Callable[..., list[int]], limits: ValidationLimits) -> None:
-        """`encode(text)` tokenizes with special tokens; `add_special_tokens=False` without."""
+    def __init__(
+        self,
+        encode: Callable[..., list[int]],
+        limits: ValidationLimits,
+        grammar: GrammarCompiler | None = None,
+    ) -> None:
+        """`encode(text)` tokenizes with special tokens; `add_special_tokens=False` without.
+
+        With no `grammar` compiler, grammar guidance is off (`--disable-grammar-support`).
+        """
         self._encode = encode
         self._limits = limits
+        self._grammar = grammar
 
     @property
     def limits(self) -> ValidationLimits:
@@ -82,6 +98,7 @@ class Validation:
         input_ids = await self._tokenize(request, truncate)
         max_new_tokens = self._check_lengths(len(input_ids), max_new_tokens)
         min_new_tokens = self._min_new_tokens(params, max_new_tokens)
+        grammar = await self._compile_grammar(params.grammar, min_new_tokens)
         return ValidRequest(
             inputs=request.inputs,
             input_ids=tuple(input_ids),
@@ -101,6 +118,7 @@ class Validation:
             return_full_text=bool(params.return_full_text),
             watermark=params.watermark,
             adapter_id=params.adapter_id,
+            grammar=grammar,
         )
 
     def _sampling(self, params: GenerateParameters, best_of: int) -> SamplingParams:
@@ -210,6 +228,36 @@ class Validation:
                 f"Given: {min_new_tokens} and {max_new_tokens}"
             )
         return min_new_tokens
+
+    async def _compile_grammar(
+        self, grammar: GrammarParameter | None, min_new_tokens: int
+    ) -> CompiledGrammar | None:
+        """Compile (off the event loop, within budget) before the request is enqueued.
+
+        NOTE: a request waits for its grammar here, outside the queue, so it
+        never holds back the batching loop or the requests queued behind it.
+        """
+        if grammar is None:
+            return None
+        if self._grammar is None:
+            raise _invalid("grammar is not supported")
+        if min_new_tokens:
+            raise _invalid("`min_new_tokens` cannot be used with `grammar`: the grammar ends it")
+        return await self._grammar.compile(grammar_spec(grammar))
+
+
+def grammar_spec(grammar: GrammarParameter) -> GrammarSpec:
+    if grammar.kind == "regex":
+        return GrammarSpec.regex(grammar.value)
+    schema = grammar.value
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as error:
+            raise _invalid(f"grammar is not valid: the JSON schema is not JSON: {error}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise _invalid("grammar is not valid: a JSON schema must be an object")
+    return GrammarSpec.json_schema(schema)
 
 
 def _default(value: Any, default: Any) -> Any:

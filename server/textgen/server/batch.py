@@ -44,14 +44,15 @@ class RequestState:
     def slot(self, position: int, block_size: int) -> int:
         return self.block_table[position // block_size] * block_size + position % block_size
 
-    def sampling_request(self) -> SamplingRequest:
+    def sampling_request(self, token_mask: bytes | None = None) -> SamplingRequest:
         return SamplingRequest(
             self.params,
             self.generator,
             self.token_ids,
             self.prompt_len,
             self.top_n_tokens,
-            self.watermark,
+            watermark=self.watermark,
+            token_mask=token_mask,
         )
 
     def append(self, token_id: int) -> None:

@@ -6,6 +6,7 @@ Pipeline, in TGI's order, each stage skipped for requests at its neutral value:
     min_new_tokens: EOS ids get -inf until enough tokens are generated
     repetition penalty (all tokens so far, HF semantics)
     frequency / presence penalties (generated tokens, OpenAI semantics)
+    grammar mask: tokens outside the router's allowed-token bitmask get -inf
     watermark bias                   (watermarked requests: textgen.server.watermark)
     temperature                      <- chosen-token logprobs are taken here
     top-k, top-p, typical-p, min-p   (only for do_sample requests)
@@ -80,6 +81,8 @@ class SamplingRequest:
     prompt_len: int
     top_n_tokens: int = 0
     watermark: WatermarkParams | None = None
+    token_mask: bytes | None = None
+    """Allowed next tokens as packed little-endian int32 words (grammar); None: all."""
 
     @property
     def generated_ids(self) -> list[int]:
@@ -101,6 +104,7 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     logits = apply_min_new_tokens(logits, requests)
     logits = apply_repetition_penalty(logits, requests)
     logits = apply_frequency_presence_penalties(logits, requests)
+    logits = apply_token_masks(logits, requests)
     # NOTE: the previous token of the first generated one is the prompt's last.
     watermarks = [r.watermark for r in requests]
     logits = apply_watermark(logits, watermarks, [r.token_ids[-1] for r in requests])
@@ -167,6 +171,35 @@ def apply_frequency_presence_penalties(
         return logits
     counts = _token_counts(logits, [r.generated_ids for r in requests])  # [B, V]
     return logits - frequency * counts - presence * (counts > 0).float()
+
+
+def apply_token_masks(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Grammar guidance: -inf for every token the row's bitmask does not allow. [B, V]
+
+    Bit t % 32 of word t / 32 allows token t; logits columns past the mask's
+    words (padding of the embedding) are never allowed for a masked row.
+    """
+    rows = [b for b, r in enumerate(requests) if r.token_mask is not None]
+    if not rows:
+        return logits
+    vocab_size = logits.shape[-1]
+    num_words = (vocab_size + 31) // 32
+    packed = torch.zeros(len(rows), num_words, dtype=torch.int32)  # [R, W]
+    for i, b in enumerate(rows):
+        words = torch.frombuffer(bytearray(requests[b].token_mask), dtype=torch.int32)
+        n = min(num_words, words.numel())
+        packed[i, :n] = words[:n]
+    allowed = unpack_bits(packed.to(logits.device))[:, :vocab_size]  # [R, V]
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits[index].masked_fill(~allowed, -float("inf"))
+    return logits.index_copy(0, index, masked)
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """[R, W] int32 words to [R, W * 32] bools, bit j of word w being column 32 * w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)  # [32]
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    return bits.flatten(1).bool()
 
 
 def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

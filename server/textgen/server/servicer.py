@@ -70,13 +70,17 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServiceServicer):
 
     async def Prefill(self, request, context) -> generate_pb2.PrefillResponse:
         with self._tracing.rpc("Prefill", context) as span:
-            reply = await self._run(context, lambda: self.shard.prefill(request.batch))
+            reply = await self._run(
+                context, lambda: self.shard.prefill(request.batch, request.token_masks)
+            )
             self._tracing.phases(span, reply)
         return reply
 
     async def Decode(self, request, context) -> generate_pb2.DecodeResponse:
         with self._tracing.rpc("Decode", context) as span:
-            reply = await self._run(context, lambda: self.shard.decode(list(request.batches)))
+            reply = await self._run(
+                context, lambda: self.shard.decode(list(request.batches), request.token_masks)
+            )
             self._tracing.phases(span, reply, reply.concat_ns)
         return reply
 

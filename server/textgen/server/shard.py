@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -94,8 +95,13 @@ class Shard:
 
     # -- Prefill ------------------------------------------------------------
 
-    def prefill(self, batch: generate_pb2.Batch) -> generate_pb2.PrefillResponse:
+    def prefill(
+        self,
+        batch: generate_pb2.Batch,
+        token_masks: Sequence[generate_pb2.TokenMask] = (),
+    ) -> generate_pb2.PrefillResponse:
         start = time.monotonic_ns()
+        masks = _token_masks(token_masks)
         limits = self.limits
         check_new_batch(batch, set(self.batches))
         for request in batch.requests:
@@ -105,7 +111,7 @@ class Shard:
         logits = self.runner.forward(inputs)  # per request: [n, V]
         forward_done = time.monotonic_ns()
         last_logits = torch.stack([x[-1] for x in logits])  # [B, V]
-        output = sample(last_logits, [s.sampling_request() for s in states])
+        output = sample(last_logits, [s.sampling_request(masks.get(s.id)) for s in states])
         generations = _generations(states, output)
         for i, request in enumerate(batch.requests):
             if request.prefill_logprobs:
@@ -142,8 +148,13 @@ class Shard:
 
     # -- Decode -------------------------------------------------------------
 
-    def decode(self, cached: list[generate_pb2.CachedBatch]) -> generate_pb2.DecodeResponse:
+    def decode(
+        self,
+        cached: list[generate_pb2.CachedBatch],
+        token_masks: Sequence[generate_pb2.TokenMask] = (),
+    ) -> generate_pb2.DecodeResponse:
         start = time.monotonic_ns()
+        masks = _token_masks(token_masks)
         if len({c.id for c in cached}) != len(cached):
             raise InvalidRequestError("decode got the same batch twice")
         if not cached:
@@ -155,7 +166,8 @@ class Shard:
             check_block_table(state.id, state.block_table, state.length, limits)
         logits = self.runner.forward([self._decode_input(s) for s in batch.requests])
         forward_done = time.monotonic_ns()
-        output = sample(torch.cat(logits), [s.sampling_request() for s in batch.requests])
+        requests = [s.sampling_request(masks.get(s.id)) for s in batch.requests]
+        output = sample(torch.cat(logits), requests)
         generations = _generations(batch.requests, output)
         # NOTE: the inputs are replaced only once the step has succeeded, so a
         # failed Decode leaves every batch as it was.
@@ -208,6 +220,19 @@ class Shard:
         if batch_id not in self.batches:
             raise InvalidRequestError(f"batch {batch_id} is not on the shard")
         return self.batches[batch_id]
+
+
+def _token_masks(token_masks: Sequence[generate_pb2.TokenMask]) -> dict[int, bytes]:
+    """Per request id, its allowed-token bitmask (whole int32 words, at least one)."""
+    masks = {}
+    for mask in token_masks:
+        if not mask.bitmask or len(mask.bitmask) % 4:
+            raise InvalidRequestError(
+                f"request {mask.request_id}: a token mask must be whole int32 words, "
+                f"got {len(mask.bitmask)} bytes"
+            )
+        masks[mask.request_id] = mask.bitmask
+    return masks
 
 
 def _new_state(request: generate_pb2.Request) -> RequestState:

@@ -37,6 +37,7 @@ from textgen.router.openai_response import (
     usage_json,
 )
 from textgen.router.request import Entry, StreamEvent
+from textgen.router.tool_calls import ToolCall, ToolCallStream, parse_tool_call
 
 # TGI's parameter names in validation messages, as the OpenAI client spelled them.
 _COMMON_NAMES = {"max_new_tokens": "max_tokens", "ignore_eos_token": "ignore_eos"}
@@ -131,14 +132,20 @@ class _Chat(_Format):
         logprobs = None
         if plan.logprobs is not None:
             logprobs = chat_logprobs(choice.tokens, choice.top_tokens)
+        content = trim_stop(choice.ending.generated_text, plan.stop)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        finish_reason = choice.finish_reason
+        call = parse_tool_call(content) if plan.tool_call else None
+        if isinstance(call, ToolCall):
+            message = {"role": "assistant", "content": None, "tool_calls": [call.to_json()]}
+            finish_reason = "tool_calls"
+        elif isinstance(call, str):
+            message["content"] = call  # tool_choice auto: the model chose to answer in text
         return {
             "index": choice.index,
-            "message": {
-                "role": "assistant",
-                "content": trim_stop(choice.ending.generated_text, plan.stop),
-            },
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": finish_reason,
         }
 
     def opening(self, index: int, plan: Plan) -> dict[str, Any] | None:
@@ -337,6 +344,7 @@ async def _chunks(
     choices = [Choice(index) for index in range(len(entries))]
     holdbacks = [StopHoldback(plan.stop) for _ in entries]
     offsets = [len(plan.prompts[i]) if plan.echo else 0 for i in range(len(entries))]
+    tool_calls = [ToolCallStream() for _ in entries] if plan.tool_call else []
     for index in range(len(entries)):
         opening = fmt.opening(index, plan)
         if opening is not None:
@@ -348,6 +356,10 @@ async def _chunks(
             text = "" if event.token.special else holdbacks[index].feed(event.token.text)
             if event.ending is not None:
                 text += holdbacks[index].flush()
+            if tool_calls:
+                for data in _tool_call_chunks(tool_calls[index], choice, text):
+                    yield _sse(chunk([data]))
+                continue
             logprobs = None
             if plan.logprobs is not None:
                 logprobs = fmt.event_logprobs(event, offsets[index])
@@ -362,6 +374,24 @@ async def _chunks(
     except RouterError as error:
         yield _sse(error_json(error, fmt.names))
     yield _DONE
+
+
+def _tool_call_chunks(stream: ToolCallStream, choice: Choice, text: str) -> list[dict[str, Any]]:
+    """A tool call's stream: `tool_calls` deltas, then finish_reason "tool_calls".
+
+    A `no_tool` answer (tool_choice auto) or a call cut short by length comes
+    as content once the request ends.
+    """
+    deltas = stream.feed(text)
+    chunks = [_chunk_choice(choice.index, {"tool_calls": [d]}) for d in deltas]
+    if choice.finish_reason is None:
+        return chunks
+    last, content = stream.finish()
+    chunks += [_chunk_choice(choice.index, {"tool_calls": [d]}) for d in last]
+    if content is not None:
+        chunks.append(_chunk_choice(choice.index, {"content": content}))
+        return [*chunks, _Chat().finish(choice.index, choice.finish_reason)]
+    return [*chunks, _Chat().finish(choice.index, "tool_calls")]
 
 
 class _OpenAIStream(StreamingResponse):
