@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from textgen.benchmark.apis import APIS
 from textgen.benchmark.config import ServingConfig
+from textgen.benchmark.plot import plot_levels
 from textgen.benchmark.report import render_json, render_table
 from textgen.benchmark.serving import run_serving
 from textgen.benchmark.shard import ShardBenchConfig, run_shard_bench
@@ -127,6 +128,15 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long an HTTP connect, read or write may wait",
     )
+    add(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=list(d.request_rates),
+        metavar="R",
+        help="open-loop levels: Poisson arrivals at R requests/s (replaces --concurrency)",
+    )
+    add("--plot", metavar="PNG", help="write throughput and latency against load to PNG")
     add("--watermark", action="store_true", help="watermark every request (tgi api)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -150,11 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=args.warmup,
             timeout=args.timeout,
             watermark=args.watermark,
+            request_rates=tuple(args.request_rate),
+            plot=args.plot,
         )
     except ValueError as exc:
         parser.error(str(exc))
     summaries = asyncio.run(run_serving(config))
     print(render_json(config, summaries) if args.json else render_table(summaries))
+    if config.plot:
+        plot_levels(summaries, config.plot)
     return 0 if any(s.num_ok for s in summaries) else 1
 
 
