@@ -31,3 +31,16 @@ def test_exit_status_1_when_every_request_failed(fake_server, capsys):
         pass
     assert main(_argv(url, "--timeout", "2")) == 1
     assert "ConnectError" in capsys.readouterr().out
+
+
+def test_request_rate_sweep_runs_one_open_loop_level_per_rate(fake_server, capsys, tmp_path):
+    plot = tmp_path / "load.png"
+    argv = ["serving", "--max-new-tokens", "4", "--num-requests", "5", "--json"]
+    with fake_server() as url:
+        argv += ["--url", url, "--request-rate", "20", "50", "--plot", str(plot)]
+        assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [level["request_rate"] for level in report["levels"]] == [20, 50]
+    assert [level["num_ok"] for level in report["levels"]] == [5, 5]
+    assert report["throughput_vs_concurrency_1"] == {}
+    assert plot.read_bytes().startswith(b"\x89PNG")

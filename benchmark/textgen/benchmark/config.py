@@ -20,6 +20,8 @@ class ServingConfig:
     warmup: int = 1  # requests sent before each level and not measured
     timeout: float = 120.0  # seconds an HTTP operation may wait (connect, read, write)
     watermark: bool = False  # every request asks for the watermark (tgi api only)
+    request_rates: tuple[float, ...] = ()  # when set: open-loop levels at these requests/s
+    plot: str | None = None  # PNG path of throughput and latency against load
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -36,6 +38,8 @@ class ServingConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if any(rate <= 0 for rate in self.request_rates):
+            raise ValueError(f"request rates must be > 0, got {self.request_rates}")
         if self.watermark and self.api != "tgi":
             raise ValueError("watermark needs the tgi api")
 
@@ -44,3 +48,9 @@ class ServingConfig:
         if self.num_requests is not None:
             return self.num_requests
         return max(2 * concurrency, 4)
+
+    def num_requests_at_rate(self, rate: float) -> int:
+        """Measured requests at one request rate: about 10 s of arrivals, at least 4."""
+        if self.num_requests is not None:
+            return self.num_requests
+        return max(round(10 * rate), 4)

@@ -42,7 +42,7 @@ def render_json(config: ServingConfig, summaries: list[LevelSummary]) -> str:
 
 def _row(s: LevelSummary) -> tuple[str, ...]:
     return (
-        str(s.concurrency),
+        str(s.concurrency) if s.request_rate is None else f"rate {s.request_rate:g}/s",
         str(s.num_ok),
         str(s.num_failed),
         f"{s.wall_s:.2f}",

@@ -6,6 +6,7 @@ first, through the same client, and are not measured.
 """
 
 import asyncio
+import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,8 @@ async def run_serving(
 ) -> list[LevelSummary]:
     """Runs every concurrency level of `config` in turn; progress goes to stderr by default."""
     progress_stream = progress_stream or sys.stderr
+    if config.request_rates:
+        return [await run_rate(config, rate, progress_stream) for rate in config.request_rates]
     return [
         await run_level(config, concurrency, progress_stream) for concurrency in config.concurrency
     ]
@@ -98,3 +101,32 @@ async def run_pool(
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
     return results
+
+
+async def run_rate(config: ServingConfig, rate: float, progress_stream: TextIO) -> LevelSummary:
+    """Open loop: requests arrive as a seeded Poisson process at `rate` per second."""
+    num_requests = config.num_requests_at_rate(rate)
+    prompts = make_prompts(config.warmup + num_requests, config.prompt_tokens, config.seed)
+    gaps = random.Random(config.seed).expovariate
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(
+        base_url=config.url, limits=limits, timeout=config.timeout
+    ) as client:
+        api = TgiApi(watermark=True) if config.watermark else APIS[config.api]
+        send = partial(
+            send_request, client, api, max_new_tokens=config.max_new_tokens, model=config.model
+        )
+        await run_pool(send, prompts[: config.warmup], 1)
+        progress = Progress(progress_stream, f"rate {rate:g}/s", num_requests)
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts[config.warmup :]:
+            task = asyncio.create_task(send(prompt))
+            task.add_done_callback(lambda t: progress.update(t.result()))
+            tasks.append(task)
+            await asyncio.sleep(gaps(rate))
+        results = list(await asyncio.gather(*tasks))
+        wall_s = time.perf_counter() - start
+        progress.close()
+    # NOTE: open loop: no fixed concurrency (0); the level is its request rate.
+    return summarize(0, results, wall_s, request_rate=rate)

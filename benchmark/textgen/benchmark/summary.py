@@ -31,6 +31,7 @@ class LevelSummary:
     itl_ms: Percentiles | None  # inter-token latency, gaps pooled over all streams
     latency_ms: Percentiles | None  # end to end, request sent to stream closed
     errors: dict[str, int]  # error message -> number of failed requests
+    request_rate: float | None = None  # open-loop arrivals per second; None: closed loop
 
 
 def percentiles(values: list[float]) -> Percentiles | None:
@@ -43,7 +44,12 @@ def percentiles(values: list[float]) -> Percentiles | None:
     return Percentiles(p50=cuts[49], p90=cuts[89], p99=cuts[98])
 
 
-def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> LevelSummary:
+def summarize(
+    concurrency: int,
+    results: list[RequestResult],
+    wall_s: float,
+    request_rate: float | None = None,
+) -> LevelSummary:
     ok = [r for r in results if r.ok]
     num_output_tokens = sum(r.num_output_tokens for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
@@ -60,18 +66,19 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
         itl_ms=_to_ms(percentiles(itls)),
         latency_ms=_to_ms(percentiles([r.latency for r in ok])),
         errors=dict(Counter(r.error for r in results if r.error is not None)),
+        request_rate=request_rate,
     )
 
 
 def throughput_ratios(summaries: list[LevelSummary]) -> dict[int, float]:
     """Output tokens/s of each level over that of concurrency 1, when both were measured."""
-    base = next((s for s in summaries if s.concurrency == 1), None)
+    base = next((s for s in summaries if s.concurrency == 1 and s.request_rate is None), None)
     if base is None or base.output_tokens_per_s == 0:
         return {}
     return {
         s.concurrency: s.output_tokens_per_s / base.output_tokens_per_s
         for s in summaries
-        if s.concurrency != 1
+        if s.concurrency != 1 and s.request_rate is None
     }
 
 

@@ -50,7 +50,7 @@ FLAG_HELP = {
     "max_top_n_tokens": "largest top_n_tokens a request may ask for",
     "max_best_of": "largest best_of a request may ask for (1 turns best_of off)",
     "payload_limit": "largest request body in bytes (larger ones get 413)",
-    "dtype": "default: float32 on CPU, bfloat16 on CUDA",
+    "dtype": "default: bfloat16 on CUDA and on CPUs with native bf16, else float32",
     "shard_uds_path": "shard r listens on unix://{path}-{r}",
     "kv_cache_memory_gib": "memory each shard gives its paged KV cache",
     "master_addr": "torch.distributed rendezvous address",

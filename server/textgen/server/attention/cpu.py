@@ -1,8 +1,8 @@
 """Attention in plain torch: gather the context from the paged cache, then SDPA.
 
-Decode (one new token per sequence) is one batched call: block tables are
-padded to [B, max_blocks], the context is gathered as [B, L, Hkv, D] and
-positions past each context length are masked. Prefill loops over sequences,
+Decode (one new token per sequence) is one batched pair of matmuls: block
+tables are padded to [B, max_blocks], the context is gathered block by block as
+[B, L, Hkv, D] and positions past each context length are masked. Prefill loops over sequences,
 with a causal mask offset by the tokens already cached.
 """
 
@@ -28,23 +28,35 @@ class CpuAttention(AttentionBackend):
         key_cache.index_copy_(0, metadata.slots, k)
         value_cache.index_copy_(0, metadata.slots, v)
         if metadata.is_decode:
-            return _decode(q, key_cache, value_cache, metadata)
+            return _decode(q, cache, metadata)
         return _prefill(q, key_cache, value_cache, metadata)
 
 
-def _decode(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
+def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
+    """Batched single-token attention as two matmuls per KV head group.
+
+    Why not SDPA: its CPU flash kernel is built for long query blocks; with one query
+    per sequence it cost 14 ms per layer at batch 64 (200-token contexts, bf16), the
+    matmuls below well under 1 ms. The context is gathered by whole blocks (contiguous
+    [block_size, Hkv, D] chunks), which is several times faster than slot by slot.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = cache.key.shape[2]
     max_len = int(meta.context_lens.max())
-    positions = torch.arange(max_len, device=q.device)  # [L]
-    slots = _context_slots(meta.block_tables, positions, meta.block_size)  # [B, L]
-    keys = key_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
-    values = value_cache[slots].transpose(1, 2)
-    mask = (positions < meta.context_lens.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True
-    )  # [B, Hq, 1, D]
-    return out.squeeze(2)  # [T=B, Hq, D]
+    num_blocks = -(-max_len // meta.block_size)
+    tables = meta.block_tables[:, :num_blocks]  # [B, nb]
+    length = num_blocks * meta.block_size
+    keys = cache.key[tables].view(num_seqs, length, num_kv_heads, head_dim)  # [B, L, Hkv, D]
+    values = cache.value[tables].view(num_seqs, length, num_kv_heads, head_dim)
+    group = num_heads // num_kv_heads
+    query = q.view(num_seqs, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
+    scores = torch.matmul(query, keys.permute(0, 2, 3, 1)).float()  # [B, Hkv, G, L]
+    positions = torch.arange(length, device=q.device)  # [L]
+    padding = positions >= meta.context_lens.unsqueeze(1)  # [B, L]
+    scores.mul_(head_dim**-0.5).masked_fill_(padding[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [B, Hkv, G, L]
+    out = torch.matmul(probs, values.transpose(1, 2))  # [B, Hkv, G, D]
+    return out.view(num_seqs, num_heads, head_dim)  # [T=B, Hq, D]
 
 
 def _prefill(

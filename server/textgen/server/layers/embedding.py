@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from textgen.server.distributed import ParallelGroup
+from textgen.server.layers.packed import pack, packed_linear
 from textgen.server.weights import Weights
 
 
@@ -40,6 +41,7 @@ class ParallelLMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [V_local, hidden]
         self.group = group
+        self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
 
     @classmethod
     def load(
@@ -51,5 +53,8 @@ class ParallelLMHead(nn.Module):
         return cls(weights.get_sharded(f"{prefix}.weight", dim=0), weights.group)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, self.weight)  # [N, V_local]
+        if self.packed is not None:
+            logits = packed_linear(hidden, self.packed, None)  # [N, V_local]
+        else:
+            logits = nn.functional.linear(hidden, self.weight)  # [N, V_local]
         return self.group.all_gather(logits, dim=-1)  # [N, V]

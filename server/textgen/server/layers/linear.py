@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from textgen.server.distributed import ParallelGroup
+from textgen.server.layers.packed import pack, packed_linear
 from textgen.server.weights import Weights
 
 Range = tuple[int, int]  # [start, stop) of a rank's features
@@ -24,6 +25,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out_local, in]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
 
     @classmethod
     def load(
@@ -49,6 +51,8 @@ class ColumnParallelLinear(nn.Module):
         return cls(fused("weight"), fused("bias") if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)  # [T, out_local]
         return nn.functional.linear(x, self.weight, self.bias)  # [T, out_local]
 
 
@@ -62,6 +66,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in_local]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.group = group
+        self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
 
     @classmethod
     def load(
@@ -78,7 +83,11 @@ class RowParallelLinear(nn.Module):
         return cls(weight, bias_tensor, weights.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.group.all_reduce(nn.functional.linear(x, self.weight))  # [T, out]
+        if self.packed is not None:
+            partial = packed_linear(x, self.packed, None)  # [T, out]
+        else:
+            partial = nn.functional.linear(x, self.weight)
+        out = self.group.all_reduce(partial)  # [T, out]
         return out if self.bias is None else out + self.bias
 
 

@@ -1,0 +1,127 @@
+"""textgen vs vLLM-CPU vs transformers' generate, interleaved on one machine.
+
+Both servers must already run (see benchmark/RESULTS.md for the commands). Each scenario
+runs on textgen, then on vLLM, `--rounds` times, alternating, so that noise from other
+work on a shared machine hits both alike; the report gives per-round ratios and their
+median. transformers' `generate` runs one request at a time in this process.
+
+    python benchmark/scripts/side_by_side.py --textgen http://127.0.0.1:8021 \
+        --vllm http://127.0.0.1:8011 --model-dir DIR --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict
+
+from textgen.benchmark.config import ServingConfig
+from textgen.benchmark.prompts import make_prompts
+from textgen.benchmark.serving import run_serving
+
+SCENARIOS = {
+    # name: (concurrency, requests, prompt tokens, output tokens)
+    "single": (1, 3, 200, 64),
+    "c16": (16, 16, 200, 64),
+    "c64": (64, 64, 200, 128),
+}
+
+
+def run_one(url: str, api: str, model: str, scenario: str) -> dict:
+    concurrency, requests, prompt, output = SCENARIOS[scenario]
+    config = ServingConfig(
+        url=url,
+        api=api,
+        model=model,
+        concurrency=(concurrency,),
+        num_requests=requests,
+        max_new_tokens=output,
+        prompt_tokens=prompt,
+        warmup=1,
+        timeout=600,
+    )
+    return asdict(asyncio.run(run_serving(config))[0])
+
+
+def transformers_baseline(model_dir: str, dtype: str, num_requests: int) -> dict:
+    """generate() one request at a time: output tokens/s over the whole run."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    prompts = make_prompts(num_requests + 1, 200, seed=0)
+    tokens, started = 0, 0.0
+    for i, prompt in enumerate(prompts):
+        if i == 1:  # the first request warms up and is not counted
+            tokens, started = 0, time.perf_counter()
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(
+                **ids, max_new_tokens=128, min_new_tokens=128, do_sample=False
+            )  # [1, prompt + 128]
+        tokens += out.shape[1] - ids["input_ids"].shape[1]
+    wall = time.perf_counter() - started
+    return {"output_tokens_per_s": tokens / wall, "requests": num_requests, "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--textgen", default="http://127.0.0.1:8021")
+    parser.add_argument("--vllm", default="http://127.0.0.1:8011")
+    parser.add_argument("--vllm-model", default="smollm2")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--transformers-requests", type=int, default=2)
+    parser.add_argument("--out", default="side_by_side.json")
+    args = parser.parse_args()
+    results: dict = {"scenarios": {}}
+    for scenario in args.scenario:
+        rounds = []
+        for _ in range(args.rounds):
+            tg = run_one(args.textgen, "tgi", "textgen", scenario)
+            vl = run_one(args.vllm, "openai", args.vllm_model, scenario)
+            rounds.append({"textgen": tg, "vllm": vl})
+            print(scenario, _line(tg), "|", _line(vl), flush=True)
+        ratios = _ratios(rounds)
+        results["scenarios"][scenario] = {"rounds": rounds, "median_ratios": ratios}
+        print(scenario, "median ratios textgen/vllm:", ratios, flush=True)
+    if args.transformers_requests:
+        results["transformers"] = transformers_baseline(
+            args.model_dir, "bfloat16", args.transformers_requests
+        )
+        print("transformers generate, one at a time:", results["transformers"])
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def _line(level: dict) -> str:
+    return (
+        f"ok {level['num_ok']} out {level['output_tokens_per_s']:.1f} tok/s "
+        f"ttft50 {level['ttft_ms']['p50']:.0f} itl50 {level['itl_ms']['p50']:.1f} "
+        f"itl99 {level['itl_ms']['p99']:.1f}"
+    )
+
+
+def _ratios(rounds: list[dict]) -> dict:
+    def ratio(key: str, pct: str | None) -> float:
+        values = []
+        for r in rounds:
+            tg, vl = r["textgen"][key], r["vllm"][key]
+            values.append(tg[pct] / vl[pct] if pct else tg / vl)
+        return round(statistics.median(values), 3)
+
+    return {
+        "output_tokens_per_s": ratio("output_tokens_per_s", None),
+        "ttft_p50": ratio("ttft_ms", "p50"),
+        "itl_p50": ratio("itl_ms", "p50"),
+        "itl_p99": ratio("itl_ms", "p99"),
+    }
+
+
+if __name__ == "__main__":
+    main()
