@@ -106,7 +106,7 @@ async def _handle(request: Request, stream: bool | None) -> Response:
     except RouterError as error:
         return error_response(error)
     if stream:
-        return EventStream(state.infer, entries[0])
+        return EntryStream(_events(state.infer, entries[0]), state.infer, entries)
     return await _complete(request, state.infer, entries, as_list)
 
 
@@ -153,22 +153,22 @@ async def _one_event(error: RouterError) -> AsyncIterator[bytes]:
     yield sse(error.body())
 
 
-class EventStream(StreamingResponse):
-    """A request's SSE stream; the request is finished however the stream ends.
+class EntryStream(StreamingResponse):
+    """An SSE stream over a request's entries; they are finished however the stream ends.
 
     A client that goes away is noticed when the next event cannot be written (or
-    through `http.disconnect`); either way `finish` cancels the request, so the
-    scheduler drops it at its next step and frees its blocks.
+    through `http.disconnect`); either way `finish` cancels the requests, so the
+    scheduler drops them at its next step and frees their blocks.
     """
 
-    def __init__(self, infer: Infer, entry: Entry) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], infer: Infer, entries: list[Entry]) -> None:
         super().__init__(
-            _events(infer, entry),
+            chunks,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._infer = infer
-        self._entry = entry
+        self._entries = entries
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -176,7 +176,8 @@ class EventStream(StreamingResponse):
         except ClientDisconnect:
             pass
         finally:
-            self._infer.finish(self._entry)
+            for entry in self._entries:
+                self._infer.finish(entry)
 
 
 async def _events(infer: Infer, entry: Entry) -> AsyncIterator[bytes]:

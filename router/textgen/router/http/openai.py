@@ -16,14 +16,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from textgen.router.chat import ChatError, ChatTemplate
 from textgen.router.errors import RouterError, ValidationError
-from textgen.router.http.app import RouterState, error_response, read_json
+from textgen.router.http.app import EntryStream, RouterState, error_response, read_json
 from textgen.router.infer import Infer
 from textgen.router.openai_request import Plan, chat_plan, completion_plan, tool_names
 from textgen.router.openai_response import (
@@ -235,7 +234,7 @@ async def _serve(request: Request, fmt: _Format) -> Response:
     envelope = Envelope.new(kind, fmt.prefix, info["model_id"], _fingerprint(info))
     if plan.stream:
         stream = _chunks(state.infer, entries, plan, fmt, envelope)
-        return _OpenAIStream(stream, state.infer, entries)
+        return EntryStream(stream, state.infer, entries)
     return await _complete(request, state.infer, entries, plan, fmt, envelope)
 
 
@@ -392,28 +391,6 @@ def _tool_call_chunks(stream: ToolCallStream, choice: Choice, text: str) -> list
         chunks.append(_chunk_choice(choice.index, {"content": content}))
         return [*chunks, _Chat().finish(choice.index, choice.finish_reason)]
     return [*chunks, _Chat().finish(choice.index, "tool_calls")]
-
-
-class _OpenAIStream(StreamingResponse):
-    """An SSE stream over a request's entries; they are finished however the stream ends."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], infer: Infer, entries: list[Entry]) -> None:
-        super().__init__(
-            chunks,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._infer = infer
-        self._entries = entries
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except ClientDisconnect:
-            pass
-        finally:
-            for entry in self._entries:
-                self._infer.finish(entry)
 
 
 # --- models and chat_tokenize ---
