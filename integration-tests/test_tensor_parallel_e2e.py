@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from launcher_process import Launcher, start_launcher, stop_launcher
+from reference import greedy_continuations
 
 pytestmark = pytest.mark.integration
 
@@ -44,24 +45,7 @@ def tp_launcher(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> It
 
 @pytest.fixture(scope="module")
 def reference(model_dir: Path) -> list[list[int]]:
-    """transformers' greedy continuation of every prompt in float32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    outputs = []
-    for prompt in PROMPTS:
-        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-            )
-        outputs.append(generated[0, input_ids.shape[1] :].tolist())
-    return outputs
+    return greedy_continuations(model_dir, PROMPTS, NEW_TOKENS)
 
 
 def body(prompt: str) -> dict:
