@@ -6,14 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
-from textgen.server.attention.cpu import _decode
+from textgen.server.attention.cpu import _decode, _native_decode
 from textgen.server.kv_cache import LayerCache
 from textgen.server.layers.packed import pack, packed_linear
 
 
+def _native(q, cache, meta):
+    library = kernels.paged_attention()
+    assert library is not None, "the C kernel must build here (a compiler is on PATH)"
+    return _native_decode(library, q, cache, meta)
+
+
+@pytest.mark.parametrize("decode", [_decode, _native], ids=["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_sdpa_over_the_paged_context(dtype):
+def test_decode_attention_matches_sdpa_over_the_paged_context(dtype, decode):
     torch.manual_seed(0)
     num_blocks, block_size, hkv, hq, d = 12, 4, 2, 6, 16
     key = torch.randn(num_blocks, block_size, hkv, d).to(dtype)
@@ -27,8 +35,9 @@ def test_decode_attention_matches_sdpa_over_the_paged_context(dtype):
         context_lens=context_lens,
         block_tables=tables,
         block_size=block_size,
+        max_context_len=13,
     )
-    out = _decode(q, LayerCache(key, value), meta)  # [2, Hq, D]
+    out = decode(q, LayerCache(key, value), meta)  # [2, Hq, D]
     for b in range(2):
         n = int(context_lens[b])
         slots = [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(n)]

@@ -97,6 +97,7 @@ class ModelRunner:
             context_lens=self._tensor([s.context_len for s in sequences]),
             block_tables=self._tensor(padded),  # [B, max_blocks]
             block_size=self.block_size,
+            max_context_len=max(s.context_len for s in sequences),
         )
 
     def _logits_indices(self, sequences: list[SequenceInput]) -> tuple[torch.Tensor, list[int]]:

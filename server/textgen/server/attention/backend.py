@@ -27,6 +27,8 @@ class AttentionMetadata:
     # Block ids of each sequence, padded with 0 to the longest table. [B, max_blocks]
     block_tables: torch.Tensor
     block_size: int
+    # max(context_lens), known without reading the tensor back.
+    max_context_len: int
 
     @property
     def is_decode(self) -> bool:

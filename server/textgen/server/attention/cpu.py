@@ -1,9 +1,11 @@
-"""Attention in plain torch: gather the context from the paged cache, then SDPA.
+"""Attention on CPU over the paged cache.
 
-Decode (one new token per sequence) is one batched pair of matmuls: block
+Decode (one new token per sequence) runs the C kernel of `textgen.server.kernels`, which
+reads keys and values in place through the block tables. Where that kernel cannot be
+built (or for dtypes it does not take) decode is one batched pair of matmuls: block
 tables are padded to [B, max_blocks], the context is gathered block by block as
-[B, L, Hkv, D] and positions past each context length are masked. Prefill loops over sequences,
-with a causal mask offset by the tokens already cached.
+[B, L, Hkv, D] and positions past each context length are masked. Prefill loops over
+sequences, with a causal mask offset by the tokens already cached.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from textgen.server import kernels
 from textgen.server.attention.backend import AttentionBackend, AttentionMetadata
 from textgen.server.kv_cache import LayerCache
+
+# Element kinds the C decode kernel takes.
+_NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 
 class CpuAttention(AttentionBackend):
@@ -28,8 +34,46 @@ class CpuAttention(AttentionBackend):
         key_cache.index_copy_(0, metadata.slots, k)
         value_cache.index_copy_(0, metadata.slots, v)
         if metadata.is_decode:
+            library = kernels.paged_attention() if q.dtype in _NATIVE_KINDS else None
+            if library is not None and q.device.type == "cpu":
+                return _native_decode(library, q, cache, metadata)
             return _decode(q, cache, metadata)
         return _prefill(q, key_cache, value_cache, metadata)
+
+
+def _native_decode(
+    library, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata
+) -> torch.Tensor:
+    """The C kernel: no gathered copy of the context, float32 scores and accumulation."""
+    q = q.contiguous()
+    num_seqs, num_heads, head_dim = q.shape
+    key, value = cache.key, cache.value  # [num_blocks, block_size, Hkv, D]
+    num_kv_heads = key.shape[2]
+    tables = meta.block_tables.contiguous()  # [B, max_blocks] int64
+    context_lens = meta.context_lens.contiguous()  # [B] int64
+    out = torch.empty_like(q)  # [B, Hq, D]
+    scratch = torch.empty(num_heads * (2 * head_dim + meta.max_context_len), dtype=torch.float32)
+    status = library.textgen_paged_decode(
+        q.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        out.data_ptr(),
+        tables.data_ptr(),
+        tables.stride(0),
+        context_lens.data_ptr(),
+        num_seqs,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        key.shape[1],
+        *key.stride()[:3],
+        head_dim**-0.5,
+        _NATIVE_KINDS[q.dtype],
+        scratch.data_ptr(),
+    )
+    if status != 0:
+        raise RuntimeError(f"paged decode kernel rejected the shapes (status {status})")
+    return out
 
 
 def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -42,8 +86,7 @@ def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torc
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = cache.key.shape[2]
-    max_len = int(meta.context_lens.max())
-    num_blocks = -(-max_len // meta.block_size)
+    num_blocks = -(-meta.max_context_len // meta.block_size)
     tables = meta.block_tables[:, :num_blocks]  # [B, nb]
     length = num_blocks * meta.block_size
     keys = cache.key[tables].view(num_seqs, length, num_kv_heads, head_dim)  # [B, L, Hkv, D]

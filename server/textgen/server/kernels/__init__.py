@@ -1,0 +1,116 @@
+"""Small C kernels for the CPU shard, built once with the host's compiler and loaded by ctypes.
+
+Each kernel is a plain C file next to this module. The first shard to need one compiles
+it with `cc -O3 -march=native` into a cache folder keyed by the source, the compiler
+flags and the CPU, so later starts load the built library at once. No compiler, a failed
+build or TEXTGEN_NATIVE_KERNELS=0 leaves `paged_attention()` returning None, and the
+callers keep their torch path: the kernels are a speed-up, never a requirement.
+
+Cache folder: $TEXTGEN_KERNEL_CACHE, else ~/.cache/textgen/kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SOURCE_DIR = Path(__file__).resolve().parent
+# NOTE: reassociation lets reductions vectorize; the kernels never rely on signed zeros
+# or traps, and keep infinities and NaNs (no -ffast-math).
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+)
+
+
+def enabled() -> bool:
+    return os.environ.get("TEXTGEN_NATIVE_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "textgen" / "kernels"
+    return Path(os.environ.get("TEXTGEN_KERNEL_CACHE", default))
+
+
+def build(name: str) -> Path:
+    """Compile `<name>.c` (if not already built for this source and CPU): the library path.
+
+    Raises RuntimeError when no compiler is found or the build fails.
+    """
+    source = _SOURCE_DIR / f"{name}.c"
+    wanted = os.environ.get("CC")
+    compiler = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError(f"no C compiler: {wanted or 'cc or gcc'} not found")
+    key = hashlib.sha256()
+    key.update(source.read_bytes())
+    key.update(" ".join((compiler, *_FLAGS, platform.machine(), _cpu_flags())).encode())
+    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # NOTE: built under a temporary name and renamed, so that shards starting together
+    # never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *_FLAGS, str(source), "-o", str(built), "-lm"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"building {source.name} failed:\n{result.stderr.strip()}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def paged_attention() -> ctypes.CDLL | None:
+    """The paged decode attention library, or None where it cannot be built here."""
+    if not enabled():
+        return None
+    try:
+        library = ctypes.CDLL(str(build("paged_attention")))
+    except (OSError, RuntimeError) as error:
+        logger.warning("native paged attention unavailable, using the torch path: %s", error)
+        return None
+    function = library.textgen_paged_decode
+    function.restype = ctypes.c_int
+    function.argtypes = [
+        *[ctypes.c_void_p] * 5,  # q, key, value, out, block_tables
+        ctypes.c_int64,  # table_stride
+        ctypes.c_void_p,  # context_lens
+        *[ctypes.c_int64] * 8,  # seqs, heads, kv heads, head_dim, block size, 3 strides
+        ctypes.c_float,  # scale
+        ctypes.c_int,  # kind
+        ctypes.c_void_p,  # scratch
+    ]
+    return library
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags, so a cache folder shared between machines stays correct."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,165 @@
+/*
+ * Decode attention straight over the paged KV cache: one query token per sequence.
+ *
+ * The torch path gathers every sequence's context out of the cache into a fresh
+ * [B, L, Hkv, D] tensor before two matmuls; at batch 64 that copy costs more than
+ * the layer's projections. Here each (sequence, KV head) pair walks its block table
+ * and reads keys and values where they lie, once, in float32:
+ *
+ *     scores[g][t] = scale * q[g] . k[t]          for the G query heads of the group
+ *     out[g]       = sum_t softmax(scores[g])[t] * v[t]
+ *
+ * Layouts (element strides, so any dense layout of the cache works):
+ *     q, out        [B, Hq, D] contiguous; query head h*G + g reads KV head h
+ *     key, value    [num_blocks, block_size, Hkv, D] with the given block/token/head strides
+ *     block_tables  [B, table_stride] int64; context_lens [B] int64
+ *
+ * `scratch` holds Hq * (2 * D + max(context_lens)) floats, owned by the caller. Element types:
+ * kind 0 = float32, kind 1 = bfloat16 (rounded to nearest even on the way out, as torch
+ * does). Built by textgen.server.kernels at first use with the host compiler.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+/* Flush-to-zero and denormals-are-zero: the tail of a peaked softmax is full of
+ * denormal probabilities, and each one costs a microcode assist. */
+#define DENORMALS_OFF(saved) \
+    unsigned int saved = _mm_getcsr(); \
+    _mm_setcsr(saved | 0x8040u)
+#define DENORMALS_RESTORE(saved) _mm_setcsr(saved)
+#else
+#define DENORMALS_OFF(saved) (void)0
+#define DENORMALS_RESTORE(saved) (void)0
+#endif
+
+#define MAX_HEAD_DIM 512
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* Row `src` of `n` elements of the given kind, widened into `dst`. */
+static inline void load_row(float *dst, const void *src, int64_t offset, int n, int kind) {
+    if (kind == 0) {
+        memcpy(dst, (const float *)src + offset, (size_t)n * sizeof(float));
+    } else {
+        const uint16_t *row = (const uint16_t *)src + offset;
+        for (int d = 0; d < n; d++) dst[d] = bf16_to_f32(row[d]);
+    }
+}
+
+/* Built with -fassociative-math, so this reduction vectorizes (a tree of vector adds). */
+static inline float dot(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+    for (int d = 0; d < n; d++) sum += a[d] * b[d];
+    return sum;
+}
+
+/* exp(x) for x <= 0 (softmax after the max is taken), written so loops over it vectorize:
+ * Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp), 0 below -87. */
+static inline float exp_nonpositive(float x) {
+    const float clamped = x < -87.0f ? -87.0f : x;
+    const float n = floorf(clamped * 1.44269504088896341f + 0.5f);
+    float r = clamped - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+/* Where token `t`'s row of KV head 0 starts: tokens lie block by block per the table. */
+static inline int64_t token_offset(const int64_t *table, int64_t t, int64_t block_size,
+                                   int64_t block_stride, int64_t token_stride) {
+    return table[t / block_size] * block_stride + (t % block_size) * token_stride;
+}
+
+int textgen_paged_decode(
+    const void *q, const void *key, const void *value, void *out,
+    const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
+    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
+    float scale, int kind, float *scratch) {
+    if (head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads) return 1;
+    const int64_t group = num_heads / num_kv_heads;
+    DENORMALS_OFF(csr);
+    float row[MAX_HEAD_DIM];
+    float *query = scratch;                        /* [Hq, D] */
+    float *acc = query + num_heads * head_dim;     /* [Hq, D] */
+    float *scores = acc + num_heads * head_dim;    /* [Hq, context] */
+    for (int64_t b = 0; b < num_seqs; b++) {
+        const int64_t context = context_lens[b];
+        const int64_t *table = block_tables + b * table_stride;
+        for (int64_t head = 0; head < num_heads; head++) {
+            float *qrow = query + head * head_dim;
+            load_row(qrow, q, (b * num_heads + head) * head_dim, head_dim, kind);
+            for (int64_t d = 0; d < head_dim; d++) qrow[d] *= scale;
+        }
+        /* Pass 1: scores. Token by token, all KV heads of a token at once: the cache
+         * is then read in address order, which is what keeps this memory-bound loop fed. */
+        for (int64_t t = 0; t < context; t++) {
+            const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                load_row(row, key, at + h * head_stride, head_dim, kind);
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t head = h * group + g;
+                    scores[head * context + t] = dot(query + head * head_dim, row, head_dim);
+                }
+            }
+        }
+        /* Pass 2: softmax numerators and their sums, per query head. */
+        for (int64_t head = 0; head < num_heads; head++) {
+            float *s = scores + head * context;
+            float top = -INFINITY;
+            for (int64_t t = 0; t < context; t++) top = s[t] > top ? s[t] : top;
+            float sum = 0.0f;
+            for (int64_t t = 0; t < context; t++) s[t] = exp_nonpositive(s[t] - top);
+            for (int64_t t = 0; t < context; t++) sum += s[t];
+            const float inv = 1.0f / sum;
+            for (int64_t t = 0; t < context; t++) s[t] *= inv;
+        }
+        /* Pass 3: the probability-weighted sum of values, again in address order. */
+        memset(acc, 0, (size_t)(num_heads * head_dim) * sizeof(float));
+        for (int64_t t = 0; t < context; t++) {
+            const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                load_row(row, value, at + h * head_stride, head_dim, kind);
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t head = h * group + g;
+                    const float p = scores[head * context + t];
+                    float *a = acc + head * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) a[d] += p * row[d];
+                }
+            }
+        }
+        const int64_t at = b * num_heads * head_dim;
+        for (int64_t i = 0; i < num_heads * head_dim; i++) {
+            if (kind == 0) ((float *)out)[at + i] = acc[i];
+            else ((uint16_t *)out)[at + i] = f32_to_bf16(acc[i]);
+        }
+    }
+    DENORMALS_RESTORE(csr);
+    return 0;
+}
