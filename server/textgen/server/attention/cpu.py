@@ -52,7 +52,9 @@ def _native_decode(
     tables = meta.block_tables.contiguous()  # [B, max_blocks] int64
     context_lens = meta.context_lens.contiguous()  # [B] int64
     out = torch.empty_like(q)  # [B, Hq, D]
-    scratch = torch.empty(num_heads * (2 * head_dim + meta.max_context_len), dtype=torch.float32)
+    threads = torch.get_num_threads()
+    per_thread = num_heads * (2 * head_dim + meta.max_context_len)
+    scratch = torch.empty(threads * per_thread, dtype=torch.float32)
     status = library.textgen_paged_decode(
         q.data_ptr(),
         key.data_ptr(),
@@ -70,6 +72,8 @@ def _native_decode(
         head_dim**-0.5,
         _NATIVE_KINDS[q.dtype],
         scratch.data_ptr(),
+        per_thread,
+        threads,
     )
     if status != 0:
         raise RuntimeError(f"paged decode kernel rejected the shapes (status {status})")

@@ -33,6 +33,8 @@ _FLAGS = (
     "-fassociative-math",
     "-fno-signed-zeros",
     "-fno-trapping-math",
+    # OpenMP through the libgomp.so.1 torch has already loaded: one shared thread team.
+    "-fopenmp",
     "-shared",
     "-fPIC",
     "-std=c11",
@@ -101,6 +103,8 @@ def paged_attention() -> ctypes.CDLL | None:
         ctypes.c_float,  # scale
         ctypes.c_int,  # kind
         ctypes.c_void_p,  # scratch
+        ctypes.c_int64,  # scratch floats per thread
+        ctypes.c_int,  # threads
     ]
     return library
 

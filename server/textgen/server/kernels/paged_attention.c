@@ -14,7 +14,7 @@
  *     key, value    [num_blocks, block_size, Hkv, D] with the given block/token/head strides
  *     block_tables  [B, table_stride] int64; context_lens [B] int64
  *
- * `scratch` holds Hq * (2 * D + max(context_lens)) floats, owned by the caller. Element types:
+ * `scratch` is float32 working space owned by the caller. Element types:
  * kind 0 = float32, kind 1 = bfloat16 (rounded to nearest even on the way out, as torch
  * does). Built by textgen.server.kernels at first use with the host compiler.
  */
@@ -22,6 +22,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -96,70 +99,91 @@ static inline int64_t token_offset(const int64_t *table, int64_t t, int64_t bloc
     return table[t / block_size] * block_stride + (t % block_size) * token_stride;
 }
 
+/* One sequence: all its query heads over its whole context. `scratch` holds
+ * Hq * (2 * D + context) floats. */
+static void decode_sequence(
+    const void *q, const void *key, const void *value, void *out, const int64_t *table,
+    int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
+    float scale, int kind, float *scratch) {
+    const int64_t group = num_heads / num_kv_heads;
+    float row[MAX_HEAD_DIM];
+    float *query = scratch;                        /* [Hq, D] */
+    float *acc = query + num_heads * head_dim;     /* [Hq, D] */
+    float *scores = acc + num_heads * head_dim;    /* [Hq, context] */
+    for (int64_t head = 0; head < num_heads; head++) {
+        float *qrow = query + head * head_dim;
+        load_row(qrow, q, (seq * num_heads + head) * head_dim, head_dim, kind);
+        for (int64_t d = 0; d < head_dim; d++) qrow[d] *= scale;
+    }
+    /* Pass 1: scores. Token by token, all KV heads of a token at once: the cache is
+     * then read in address order, which is what keeps this memory-bound loop fed. */
+    for (int64_t t = 0; t < context; t++) {
+        const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            load_row(row, key, at + h * head_stride, head_dim, kind);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t head = h * group + g;
+                scores[head * context + t] = dot(query + head * head_dim, row, head_dim);
+            }
+        }
+    }
+    /* Pass 2: probabilities, per query head. */
+    for (int64_t head = 0; head < num_heads; head++) {
+        float *s = scores + head * context;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < context; t++) top = s[t] > top ? s[t] : top;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < context; t++) s[t] = exp_nonpositive(s[t] - top);
+        for (int64_t t = 0; t < context; t++) sum += s[t];
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < context; t++) s[t] *= inv;
+    }
+    /* Pass 3: the probability-weighted sum of values, again in address order. */
+    memset(acc, 0, (size_t)(num_heads * head_dim) * sizeof(float));
+    for (int64_t t = 0; t < context; t++) {
+        const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            load_row(row, value, at + h * head_stride, head_dim, kind);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t head = h * group + g;
+                const float p = scores[head * context + t];
+                float *a = acc + head * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) a[d] += p * row[d];
+            }
+        }
+    }
+    const int64_t at = seq * num_heads * head_dim;
+    for (int64_t i = 0; i < num_heads * head_dim; i++) {
+        if (kind == 0) ((float *)out)[at + i] = acc[i];
+        else ((uint16_t *)out)[at + i] = f32_to_bf16(acc[i]);
+    }
+}
+
+/* Sequences are spread over `num_threads` OpenMP threads (the runtime torch already
+ * loaded, so its thread team is reused); `scratch` holds num_threads * Hq *
+ * (2 * D + max(context_lens)) floats. Returns 0, or 1 for shapes it does not take. */
 int textgen_paged_decode(
     const void *q, const void *key, const void *value, void *out,
     const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
-    float scale, int kind, float *scratch) {
+    float scale, int kind, float *scratch, int64_t scratch_per_thread, int num_threads) {
     if (head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads) return 1;
-    const int64_t group = num_heads / num_kv_heads;
-    DENORMALS_OFF(csr);
-    float row[MAX_HEAD_DIM];
-    float *query = scratch;                        /* [Hq, D] */
-    float *acc = query + num_heads * head_dim;     /* [Hq, D] */
-    float *scores = acc + num_heads * head_dim;    /* [Hq, context] */
+    if (num_threads > num_seqs) num_threads = (int)num_seqs;
+    if (num_threads < 1) num_threads = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t b = 0; b < num_seqs; b++) {
-        const int64_t context = context_lens[b];
-        const int64_t *table = block_tables + b * table_stride;
-        for (int64_t head = 0; head < num_heads; head++) {
-            float *qrow = query + head * head_dim;
-            load_row(qrow, q, (b * num_heads + head) * head_dim, head_dim, kind);
-            for (int64_t d = 0; d < head_dim; d++) qrow[d] *= scale;
-        }
-        /* Pass 1: scores. Token by token, all KV heads of a token at once: the cache
-         * is then read in address order, which is what keeps this memory-bound loop fed. */
-        for (int64_t t = 0; t < context; t++) {
-            const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
-            for (int64_t h = 0; h < num_kv_heads; h++) {
-                load_row(row, key, at + h * head_stride, head_dim, kind);
-                for (int64_t g = 0; g < group; g++) {
-                    const int64_t head = h * group + g;
-                    scores[head * context + t] = dot(query + head * head_dim, row, head_dim);
-                }
-            }
-        }
-        /* Pass 2: softmax numerators and their sums, per query head. */
-        for (int64_t head = 0; head < num_heads; head++) {
-            float *s = scores + head * context;
-            float top = -INFINITY;
-            for (int64_t t = 0; t < context; t++) top = s[t] > top ? s[t] : top;
-            float sum = 0.0f;
-            for (int64_t t = 0; t < context; t++) s[t] = exp_nonpositive(s[t] - top);
-            for (int64_t t = 0; t < context; t++) sum += s[t];
-            const float inv = 1.0f / sum;
-            for (int64_t t = 0; t < context; t++) s[t] *= inv;
-        }
-        /* Pass 3: the probability-weighted sum of values, again in address order. */
-        memset(acc, 0, (size_t)(num_heads * head_dim) * sizeof(float));
-        for (int64_t t = 0; t < context; t++) {
-            const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
-            for (int64_t h = 0; h < num_kv_heads; h++) {
-                load_row(row, value, at + h * head_stride, head_dim, kind);
-                for (int64_t g = 0; g < group; g++) {
-                    const int64_t head = h * group + g;
-                    const float p = scores[head * context + t];
-                    float *a = acc + head * head_dim;
-                    for (int64_t d = 0; d < head_dim; d++) a[d] += p * row[d];
-                }
-            }
-        }
-        const int64_t at = b * num_heads * head_dim;
-        for (int64_t i = 0; i < num_heads * head_dim; i++) {
-            if (kind == 0) ((float *)out)[at + i] = acc[i];
-            else ((uint16_t *)out)[at + i] = f32_to_bf16(acc[i]);
-        }
+#ifdef _OPENMP
+        float *mine = scratch + omp_get_thread_num() * scratch_per_thread;
+#else
+        float *mine = scratch;
+#endif
+        DENORMALS_OFF(csr);
+        decode_sequence(q, key, value, out, block_tables + b * table_stride, context_lens[b], b,
+                        num_heads, num_kv_heads, head_dim, block_size, block_stride,
+                        token_stride, head_stride, scale, kind, mine);
+        DENORMALS_RESTORE(csr);
     }
-    DENORMALS_RESTORE(csr);
     return 0;
 }
