@@ -135,6 +135,48 @@ async def test_prefill_decode_filter_decode_round_trip(servicer, tiny_llama):
         assert tokens[request_id] == hf_greedy(hf_model, prompt, len(tokens[request_id]))
 
 
+async def test_prefill_alongside_a_running_batch_matches_transformers(servicer, tiny_llama):
+    """A mixed step: the running batch decodes in the prefill's forward, nothing changes."""
+    hf_model, ctx = tiny_llama[1], FakeContext()
+    prompts = {1: [1, 2, 3, 4, 5], 2: [9, 8, 7], 3: [100, 101, 102, 103, 104, 105], 4: [42]}
+    requests = {i: make_request(i, p, 1 + 4 * n) for n, (i, p) in enumerate(prompts.items())}
+    first = await servicer.Prefill(prefill_request(1, [requests[1], requests[2]]), ctx)
+    tokens = {g.request_id: list(g.tokens.ids) for g in first.generations}
+    decode = await servicer.Decode(generate_pb2.DecodeRequest(batches=[first.batch]), ctx)
+    for g in decode.generations:
+        tokens[g.request_id] += g.tokens.ids
+
+    mixed = prefill_request(2, [requests[3], requests[4]])
+    mixed.cached_batch.CopyFrom(decode.batch)
+    joined = await servicer.Prefill(mixed, ctx)
+    assert [g.request_id for g in joined.generations] == [1, 2, 3, 4]
+    assert joined.batch.id == 2 and list(joined.batch.request_ids) == [1, 2, 3, 4]
+    assert joined.batch.current_tokens == (5 + 2) + (3 + 2) + 6 + 1
+    for g in joined.generations:
+        tokens.setdefault(g.request_id, []).extend(g.tokens.ids)
+    for _ in range(3):
+        decode = await servicer.Decode(generate_pb2.DecodeRequest(batches=[joined.batch]), ctx)
+        joined = decode
+        for g in decode.generations:
+            tokens[g.request_id] += g.tokens.ids
+    for request_id, prompt in prompts.items():
+        assert tokens[request_id] == hf_greedy(hf_model, prompt, len(tokens[request_id]))
+    # The running batch was consumed by the mixed step.
+    with pytest.raises(Aborted):
+        await servicer.Decode(generate_pb2.DecodeRequest(batches=[first.batch]), ctx)
+
+
+async def test_a_failed_mixed_step_leaves_the_running_batch_as_it_was(servicer):
+    ctx = FakeContext()
+    first = await servicer.Prefill(prefill_request(1, [make_request(1, [5, 6], 1)]), ctx)
+    clash = prefill_request(2, [make_request(1, [7], 5)])  # request 1 is already running
+    clash.cached_batch.CopyFrom(first.batch)
+    with pytest.raises(Aborted, match="already running"):
+        await servicer.Prefill(clash, ctx)
+    decode = await servicer.Decode(generate_pb2.DecodeRequest(batches=[first.batch]), ctx)
+    assert list(decode.batch.request_ids) == [1]
+
+
 async def test_decode_concatenates_batches_under_the_first_id(servicer):
     ctx = FakeContext()
     first = await servicer.Prefill(prefill_request(1, [make_request(1, [5, 6], 1)]), ctx)

@@ -182,12 +182,14 @@ class Generation(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., prefill_tokens: _Optional[_Union[Tokens, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., top_tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("batch", "token_masks")
+    __slots__ = ("batch", "token_masks", "cached_batch")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TOKEN_MASKS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BATCH_FIELD_NUMBER: _ClassVar[int]
     batch: Batch
     token_masks: _containers.RepeatedCompositeFieldContainer[TokenMask]
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., token_masks: _Optional[_Iterable[_Union[TokenMask, _Mapping]]] = ...) -> None: ...
+    cached_batch: CachedBatch
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., token_masks: _Optional[_Iterable[_Union[TokenMask, _Mapping]]] = ..., cached_batch: _Optional[_Union[CachedBatch, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("generations", "batch", "forward_ns", "decode_ns", "total_ns")

@@ -70,8 +70,10 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServiceServicer):
 
     async def Prefill(self, request, context) -> generate_pb2.PrefillResponse:
         with self._tracing.rpc("Prefill", context) as span:
+            cached = request.cached_batch if request.HasField("cached_batch") else None
             reply = await self._run(
-                context, lambda: self.shard.prefill(request.batch, request.token_masks)
+                context,
+                lambda: self.shard.prefill(request.batch, request.token_masks, cached),
             )
             self._tracing.phases(span, reply)
         return reply

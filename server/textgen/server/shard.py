@@ -99,29 +99,48 @@ class Shard:
         self,
         batch: generate_pb2.Batch,
         token_masks: Sequence[generate_pb2.TokenMask] = (),
+        cached: generate_pb2.CachedBatch | None = None,
     ) -> generate_pb2.PrefillResponse:
+        """Prefill `batch`; with `cached`, that running batch decodes in the same forward.
+
+        The running requests go first (one token each, the attention's decode path),
+        then the new prompts; the reply's batch holds both under `batch.id`.
+        """
         start = time.monotonic_ns()
         masks = _token_masks(token_masks)
         limits = self.limits
         check_new_batch(batch, set(self.batches))
         for request in batch.requests:
             check_prefill_request(request, limits)
+        running: list[RequestState] = []
+        if cached is not None:
+            running = self._batch(cached.id).requests
+            clashes = {s.id for s in running} & {r.id for r in batch.requests}
+            if clashes:
+                raise InvalidRequestError(f"requests {sorted(clashes)} are already running")
+            for state in running:
+                check_block_table(state.id, state.block_table, state.length, limits)
         states = [_new_state(r) for r in batch.requests]
         inputs = [self._prefill_input(r) for r in batch.requests]
-        logits = self.runner.forward(inputs)  # per request: [n, V]
+        logits = self.runner.forward([self._decode_input(s) for s in running] + inputs)
         forward_done = time.monotonic_ns()
-        last_logits = torch.stack([x[-1] for x in logits])  # [B, V]
-        output = sample(last_logits, [s.sampling_request(masks.get(s.id)) for s in states])
-        generations = _generations(states, output)
+        everyone = running + states
+        last_logits = torch.stack([x[-1] for x in logits])  # [B_running + B, V]
+        output = sample(last_logits, [s.sampling_request(masks.get(s.id)) for s in everyone])
+        generations = _generations(everyone, output)
         for i, request in enumerate(batch.requests):
             if request.prefill_logprobs:
-                tokens = _prefill_tokens(list(request.input_ids), logits[i], inputs[i].start_pos)
-                generations[i].prefill_tokens.CopyFrom(tokens)
-        self.batches[batch.id] = cached = Batch(batch.id, states)
+                row = len(running) + i
+                prompt = list(request.input_ids)
+                tokens = _prefill_tokens(prompt, logits[row], inputs[i].start_pos)
+                generations[row].prefill_tokens.CopyFrom(tokens)
+        if cached is not None:
+            del self.batches[cached.id]
+        self.batches[batch.id] = joined = Batch(batch.id, everyone)
         done = time.monotonic_ns()
         return generate_pb2.PrefillResponse(
             generations=generations,
-            batch=cached.to_proto(),
+            batch=joined.to_proto(),
             forward_ns=forward_done - start,
             decode_ns=done - forward_done,
             total_ns=done - start,

@@ -35,6 +35,34 @@ class AttentionMetadata:
         """One new token per sequence: the batched path applies."""
         return max(self.query_lens) == 1
 
+    @property
+    def num_leading_decodes(self) -> int:
+        """How many sequences at the front have one new token (a mixed batch's decodes)."""
+        for i, query_len in enumerate(self.query_lens):
+            if query_len != 1:
+                return i
+        return len(self.query_lens)
+
+    def split(self, num_seqs: int) -> tuple[AttentionMetadata, AttentionMetadata]:
+        """The first `num_seqs` sequences and the rest, as two metadata."""
+        num_tokens = sum(self.query_lens[:num_seqs])
+
+        def part(seqs: slice, tokens: slice) -> AttentionMetadata:
+            context_lens = self.context_lens[seqs]
+            return AttentionMetadata(
+                slots=self.slots[tokens],
+                query_lens=self.query_lens[seqs],
+                context_lens=context_lens,
+                block_tables=self.block_tables[seqs],
+                block_size=self.block_size,
+                max_context_len=int(context_lens.max()),
+            )
+
+        return (
+            part(slice(0, num_seqs), slice(0, num_tokens)),
+            part(slice(num_seqs, None), slice(num_tokens, None)),
+        )
+
 
 class AttentionBackend(ABC):
     """Writes the new keys/values into the paged cache, then attends.

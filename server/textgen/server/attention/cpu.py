@@ -1,5 +1,6 @@
 """Attention on CPU over the paged cache.
 
+A mixed batch (running sequences' decode tokens, then new prompts) takes both paths.
 Decode (one new token per sequence) runs the C kernel of `textgen.server.kernels`, which
 reads keys and values in place through the block tables. Where that kernel cannot be
 built (or for dtypes it does not take) decode is one batched pair of matmuls: block
@@ -34,11 +35,26 @@ class CpuAttention(AttentionBackend):
         key_cache.index_copy_(0, metadata.slots, k)
         value_cache.index_copy_(0, metadata.slots, v)
         if metadata.is_decode:
-            library = kernels.paged_attention() if q.dtype in _NATIVE_KINDS else None
-            if library is not None and q.device.type == "cpu":
-                return _native_decode(library, q, cache, metadata)
-            return _decode(q, cache, metadata)
-        return _prefill(q, key_cache, value_cache, metadata)
+            return _any_decode(q, cache, metadata)
+        num_decodes = metadata.num_leading_decodes
+        if num_decodes == 0:
+            return _prefill(q, key_cache, value_cache, metadata)
+        # A mixed batch: running sequences' decode tokens first, then new prompts.
+        decodes, prompts = metadata.split(num_decodes)
+        return torch.cat(
+            [
+                _any_decode(q[:num_decodes], cache, decodes),
+                _prefill(q[num_decodes:], key_cache, value_cache, prompts),
+            ]
+        )  # [T, Hq, D]
+
+
+def _any_decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
+    """Single-token queries: the C kernel where it applies, else the torch matmuls."""
+    library = kernels.paged_attention() if q.dtype in _NATIVE_KINDS else None
+    if library is not None and q.device.type == "cpu":
+        return _native_decode(library, q, cache, meta)
+    return _decode(q, cache, meta)
 
 
 def _native_decode(
