@@ -48,8 +48,14 @@ class InstantShard:
         self.batches: dict[int, list[int]] = {}
         self.num_steps = 0
 
-    async def prefill(self, batch: pb.Batch, token_masks: object = ()) -> StepResult:
-        self.batches[batch.id] = [r.id for r in batch.requests]
+    async def prefill(
+        self,
+        batch: pb.Batch,
+        token_masks: object = (),
+        cached_batch: pb.CachedBatch | None = None,
+    ) -> StepResult:
+        running = self.batches.pop(cached_batch.id) if cached_batch is not None else []
+        self.batches[batch.id] = running + [r.id for r in batch.requests]
         return self._step(batch.id)
 
     async def decode(self, batches: list[pb.CachedBatch], token_masks: object = ()) -> StepResult:

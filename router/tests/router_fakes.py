@@ -57,8 +57,9 @@ class _ByteTokenizer:
 class FakeShard:
     """Replays a script per request: the characters of `replies[first prompt char]`, then EOS.
 
-    It keeps TGI's batch semantics (prefill creates a batch, decode concatenates,
-    filter keeps ids) and records every call, so tests can check who ran with whom.
+    It keeps TGI's batch semantics (prefill creates a batch, a prefill with a cached
+    batch takes it in, decode concatenates, filter keeps ids) and records every
+    call, so tests can check who ran with whom.
     `gate`, when set, makes each decode wait until the test releases it. A request
     with a token mask gets its scripted token if the mask allows it, else the
     lowest allowed one (as a real shard's -inf mask would force); `masks` records
@@ -72,13 +73,26 @@ class FakeShard:
     scripts: dict[int, str] = field(default_factory=dict)
     gate: asyncio.Semaphore | None = None
     fail_next_decode: bool = False
+    fail_next_mixed: bool = False
     masks: list[dict[int, bytes]] = field(default_factory=list)
 
     async def prefill(
-        self, batch: pb.Batch, token_masks: Sequence[pb.TokenMask] = ()
+        self,
+        batch: pb.Batch,
+        token_masks: Sequence[pb.TokenMask] = (),
+        cached_batch: pb.CachedBatch | None = None,
     ) -> StepResult:
+        """A plain prefill records ("prefill", new ids); a mixed step ("mixed", all ids)."""
         ids = [r.id for r in batch.requests]
-        self.calls.append(("prefill", tuple(ids)))
+        if cached_batch is None:
+            self.calls.append(("prefill", tuple(ids)))
+        else:
+            ids = self.batches[cached_batch.id] + ids
+            self.calls.append(("mixed", tuple(ids)))
+            if self.fail_next_mixed:
+                self.fail_next_mixed = False
+                raise rpc_error("shard exploded mid-mix")
+            del self.batches[cached_batch.id]
         for request in batch.requests:
             self.scripts[request.id] = self.replies[chr(request.input_ids[0])]
             self.progress[request.id] = 0

@@ -252,9 +252,9 @@ async def test_logit_bias_reaches_the_shard():
         sent = []
         prefill = shard.prefill
 
-        async def recording_prefill(batch, token_masks=()):
+        async def recording_prefill(batch, token_masks=(), cached_batch=None):
             sent.extend(dict(r.parameters.logit_bias) for r in batch.requests)
-            return await prefill(batch, token_masks)
+            return await prefill(batch, token_masks, cached_batch)
 
         shard.prefill = recording_prefill
         request = chat(max_tokens=2, logit_bias={"72": -100, "7": 2.5})

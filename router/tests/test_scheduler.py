@@ -83,9 +83,10 @@ async def test_request_arriving_mid_decode_joins_the_running_batch():
     h.queue.append(second)
     h.steps(2)
     await h.settle()
-    # The newcomer is prefilled between two decode steps and then decoded with the first,
-    # which is still running.
-    joined = h.shard.calls.index(("prefill", (2,)))
+    # The newcomer is prefilled between two decode steps, in one forward with the first
+    # request's decode step (a mixed step), and then decoded with it.
+    joined = h.shard.calls.index(("mixed", (1, 2)))
+    assert h.shard.calls[joined - 1] == ("decode", (1,))
     assert h.shard.calls[joined + 1] == ("decode", (1, 2))
     assert not first.finished
     h.steps(3)
@@ -117,7 +118,7 @@ async def test_waiting_served_ratio_holds_newcomers_until_enough_wait():
     assert all(call[0] == "decode" for call in h.shard.calls[1:])
     h.steps(4)
     await h.settle()
-    assert ("prefill", (9,)) in h.shard.calls
+    assert ("mixed", (0, 1, 2, 3, 9)) in h.shard.calls
     h.close()
 
 
@@ -173,6 +174,27 @@ async def test_shard_failure_fails_the_batch_with_424_and_keeps_serving():
     later = make_entry(2, "b")
     h.queue.append(later)
     assert await h.result(later) == "bb"
+    h.close()
+
+
+async def test_a_failed_mixed_step_fails_running_and_new_requests_alike():
+    h = Harness({"a": "a" * 10, "b": "bb", "c": "cc"}, gated=True)
+    h.shard.fail_next_mixed = True
+    running, newcomer = make_entry(1, "a"), make_entry(2, "b")
+    h.queue.append(running)
+    h.steps(1)
+    await h.settle()
+    h.queue.append(newcomer)
+    h.steps(1)
+    for entry in (running, newcomer):
+        with pytest.raises(GenerationError, match="exploded mid-mix"):
+            await h.result(entry)
+    assert h.allocator.num_used_blocks == 0
+    assert h.shard.batches == {}  # both the running and the new batch were cleared
+    later = make_entry(3, "c")
+    h.queue.append(later)
+    h.steps(5)
+    assert await h.result(later) == "cc"
     h.close()
 
 

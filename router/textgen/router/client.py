@@ -79,9 +79,13 @@ class ShardClient:
         return min(reply.num_blocks for reply in replies)
 
     async def prefill(
-        self, batch: pb.Batch, token_masks: Sequence[pb.TokenMask] = ()
+        self,
+        batch: pb.Batch,
+        token_masks: Sequence[pb.TokenMask] = (),
+        cached_batch: pb.CachedBatch | None = None,
     ) -> StepResult:
-        request = pb.PrefillRequest(batch=batch, token_masks=token_masks)
+        """Prefill `batch`; `cached_batch`, if given, decodes in the same forward."""
+        request = pb.PrefillRequest(batch=batch, token_masks=token_masks, cached_batch=cached_batch)
         return _step_result((await self._all("Prefill", request))[0])
 
     async def decode(

@@ -1,20 +1,24 @@
 """Continuous batching: the loop that drives the shards.
 
 Design note. One batch runs on the shards at a time. Between two decode steps
-the loop asks the queue for newcomers; if any fit (TGI's policy, below) it
-prefills them as a second batch and the next decode step runs both batches
-concatenated, so a request joins the running batch instead of waiting for it
-to drain. After every step each generated token goes to its request's entry,
-which decides whether it is finished (EOS, stop sequence, length); finished
-and cancelled requests leave the batch through FilterBatch before the next
-step, and their KV blocks return to the allocator at once.
+the loop asks the queue for newcomers; if any fit (TGI's policy, below) the next
+step is a mixed one: a Prefill that carries the running batch, so the running
+requests take their decode step in the same forward as the newcomers' prompts
+and the shards return one batch holding both. A request thus joins the running
+batch instead of waiting for it to drain, and the decodes ride along with the
+prefill's large matrix products instead of waiting for them. After every step
+each generated token goes to its request's entry, which decides whether it is
+finished (EOS, stop sequence, length); finished and cancelled requests leave the
+batch through FilterBatch before the next step, and their KV blocks return to
+the allocator at once.
 
 Admission (TGI's `waiting_served_ratio` / `max_waiting_tokens`): while a
 batch runs, newcomers are prefilled only when there are at least
 `batch_size * waiting_served_ratio` of them, or when they have waited
 `max_waiting_tokens` decode steps, whichever comes first, within the prefill
-token budget and the KV budget. Prefill pauses the running decodes, so this
-trades their latency against the newcomers' time to first token.
+token budget and the KV budget. A mixed step lasts as long as its prefill, so
+this trades the running requests' inter-token latency against the newcomers'
+time to first token.
 """
 
 from __future__ import annotations
@@ -107,17 +111,15 @@ class Scheduler:
         while running is not None:
             self.num_running = len(running.entries)
             self.current_max_tokens = running.max_tokens
-            batches = [running]
             budget = self._budget(running, waiting_steps)
             newcomers = self._queue.next_batch(budget)
-            if newcomers is not None:
-                waiting_steps = 0
-                reason = "wait_exceeded" if budget.min_size is None else "backpressure"
-                joined = await self._prefill(newcomers, reason)
-                if joined is not None:
-                    batches.append(joined)
-            running = await self._decode(batches)
-            waiting_steps += 1
+            if newcomers is None:
+                running = await self._decode([running])
+                waiting_steps += 1
+                continue
+            waiting_steps = 0
+            reason = "wait_exceeded" if budget.min_size is None else "backpressure"
+            running = await self._prefill(newcomers, reason, await self._drop_done(running))
         self.num_running = 0
         self.current_max_tokens = 0
 
@@ -136,8 +138,12 @@ class Scheduler:
         return Budget(min_size, max_size, config.max_batch_prefill_tokens, total)
 
     async def _prefill(
-        self, entries: list[Entry], concat_reason: str | None = None
+        self,
+        entries: list[Entry],
+        concat_reason: str | None = None,
+        running: RunningBatch | None = None,
     ) -> RunningBatch | None:
+        """Prefill `entries`; a `running` batch decodes in the same forward (a mixed step)."""
         now = time.monotonic()
         for entry in entries:
             entry.timings.batched = now
@@ -149,17 +155,23 @@ class Scheduler:
             size=len(entries),
             max_tokens=sum(entry.request.max_total_tokens for entry in entries),
         )
-        running = {entry.id: entry for entry in entries}
+        everyone = dict(running.entries) if running is not None else {}
+        everyone.update((entry.id, entry) for entry in entries)
+        batch_ids = [batch.id] + ([running.cached.id] if running is not None else [])
         self._metrics.step_started("prefill")
         try:
             with self._tracing.step("prefill", entries):
-                result = await self._client.prefill(batch, self._token_masks(entries))
+                masks = self._token_masks(everyone.values())
+                cached = running.cached if running is not None else None
+                result = await self._client.prefill(batch, masks, cached)
         except grpc.aio.AioRpcError as error:
             self._metrics.step_failed("prefill")
-            await self._fail(list(running.values()), [batch.id], error)
+            await self._fail(list(everyone.values()), batch_ids, error)
             return None
         delivered = time.monotonic()
-        joined = await self._advance(running, result)
+        if running is not None:
+            self._metrics.tokens_waited(delivered - running.delivered_at, len(running.entries))
+        joined = await self._advance(everyone, result)
         self._metrics.step_done("prefill", result, now, delivered)
         return joined
 
