@@ -30,7 +30,7 @@ SCENARIOS = {
 }
 
 
-def run_one(url: str, api: str, model: str, scenario: str) -> dict:
+def run_one(url: str, api: str, model: str, scenario: str, seed: int = 0) -> dict:
     concurrency, requests, prompt, output = SCENARIOS[scenario]
     config = ServingConfig(
         url=url,
@@ -42,6 +42,7 @@ def run_one(url: str, api: str, model: str, scenario: str) -> dict:
         prompt_tokens=prompt,
         warmup=1,
         timeout=600,
+        seed=seed,
     )
     return asdict(asyncio.run(run_serving(config))[0])
 
@@ -78,15 +79,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--transformers-requests", type=int, default=2)
     parser.add_argument("--out", default="side_by_side.json")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="scenario i, round r sends the prompts of seed + 100 i + r, so no server sees "
+        "a prompt twice (vLLM's prefix cache would serve repeats from cache)",
+    )
     args = parser.parse_args()
     results: dict = {"scenarios": {}}
-    for scenario in args.scenario:
+    for scenario_index, scenario in enumerate(args.scenario):
         rounds = []
-        for _ in range(args.rounds):
-            tg = run_one(args.textgen, "tgi", "textgen", scenario)
-            vl = run_one(args.vllm, "openai", args.vllm_model, scenario)
+        for round_index in range(args.rounds):
+            seed = args.seed + 100 * scenario_index + round_index
+            tg = run_one(args.textgen, "tgi", "textgen", scenario, seed)
+            vl = run_one(args.vllm, "openai", args.vllm_model, scenario, seed)
             rounds.append({"textgen": tg, "vllm": vl})
-            print(scenario, _line(tg), "|", _line(vl), flush=True)
+            print(scenario, f"seed {seed}", _line(tg), "|", _line(vl), flush=True)
         ratios = _ratios(rounds)
         results["scenarios"][scenario] = {"rounds": rounds, "median_ratios": ratios}
         print(scenario, "median ratios textgen/vllm:", ratios, flush=True)
