@@ -19,6 +19,15 @@ def _native(q, cache, meta):
     return _native_decode(library, q, cache, meta)
 
 
+def _reference(q, key, value, table: list[int], length: int) -> torch.Tensor:
+    """SDPA in float64 over one sequence's context, read slot by slot: [Hq, D]."""
+    _, block_size, hkv, d = key.shape
+    slots = [table[p // block_size] * block_size + p % block_size for p in range(length)]
+    k = key.view(-1, hkv, d)[slots].transpose(0, 1).double()  # [Hkv, L, D]
+    v = value.view(-1, hkv, d)[slots].transpose(0, 1).double()
+    return F.scaled_dot_product_attention(q.double().unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
+
+
 @pytest.mark.parametrize("decode", [_decode, _native], ids=["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_sdpa_over_the_paged_context(dtype, decode):
@@ -39,15 +48,47 @@ def test_decode_attention_matches_sdpa_over_the_paged_context(dtype, decode):
     )
     out = decode(q, LayerCache(key, value), meta)  # [2, Hq, D]
     for b in range(2):
-        n = int(context_lens[b])
-        slots = [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(n)]
-        k = key.view(-1, hkv, d)[slots].transpose(0, 1).float()  # [Hkv, L, D]
-        v = value.view(-1, hkv, d)[slots].transpose(0, 1).float()
-        expected = F.scaled_dot_product_attention(
-            q[b].float().unsqueeze(1), k, v, enable_gqa=True
-        ).squeeze(1)  # [Hq, D]
+        expected = _reference(q[b], key, value, tables[b].tolist(), int(context_lens[b]))
         tolerance = 1e-5 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(out[b].float(), expected, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(out[b].double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "block_size", "lengths"),
+    [
+        (4, 4, 24, 5, [1, 11, 23]),  # no grouping, head_dim not a multiple of 16
+        (8, 1, 64, 16, [16, 17, 90]),  # one KV head for all
+        (6, 2, 128, 3, [2, 40]),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_on_awkward_shapes(hq, hkv, d, block_size, lengths, dtype):
+    torch.manual_seed(1)
+    blocks_per_seq = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(blocks_per_seq) + 3
+    key = (3 * torch.randn(num_blocks, block_size, hkv, d)).to(dtype)
+    value = torch.randn(num_blocks, block_size, hkv, d).to(dtype)
+    order = torch.randperm(num_blocks).tolist()  # tables point anywhere in the cache
+    tables, used = [], 0
+    for count in blocks_per_seq:
+        tables.append(order[used : used + count] + [0] * (max(blocks_per_seq) - count))
+        used += count
+    q = torch.randn(len(lengths), hq, d).to(dtype)
+    meta = AttentionMetadata(
+        slots=torch.zeros(len(lengths), dtype=torch.long),
+        query_lens=[1] * len(lengths),
+        context_lens=torch.tensor(lengths),
+        block_tables=torch.tensor(tables),
+        block_size=block_size,
+        max_context_len=max(lengths),
+    )
+    out = _native(q, LayerCache(key, value), meta)  # [B, Hq, D]
+    assert out.dtype == dtype
+    for b, n in enumerate(lengths):
+        expected = _reference(q[b], key, value, tables[b], n)
+        # float32 accumulation: float32 output within 1e-5; bf16 output within its rounding.
+        tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(out[b].double(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_packed_linear_is_identical_to_linear_in_bf16():

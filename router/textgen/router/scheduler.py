@@ -114,7 +114,7 @@ class Scheduler:
             budget = self._budget(running, waiting_steps)
             newcomers = self._queue.next_batch(budget)
             if newcomers is None:
-                running = await self._decode([running])
+                running = await self._decode(running)
                 waiting_steps += 1
                 continue
             waiting_steps = 0
@@ -175,27 +175,26 @@ class Scheduler:
         self._metrics.step_done("prefill", result, now, delivered)
         return joined
 
-    async def _decode(self, batches: list[RunningBatch]) -> RunningBatch | None:
-        live = [b for b in [await self._drop_done(batch) for batch in batches] if b is not None]
-        if not live:
+    async def _decode(self, running: RunningBatch) -> RunningBatch | None:
+        live = await self._drop_done(running)
+        if live is None:
             return None
-        entries = {i: e for batch in live for i, e in batch.entries.items()}
+        entries = live.entries
         started = time.monotonic()
         self._metrics.step_started("decode")
         try:
             with self._tracing.step("decode", entries.values()):
                 masks = self._token_masks(entries.values())
-                result = await self._client.decode([batch.cached for batch in live], masks)
+                result = await self._client.decode([live.cached], masks)
         except grpc.aio.AioRpcError as error:
             self._metrics.step_failed("decode")
-            await self._fail(list(entries.values()), [b.cached.id for b in live], error)
+            await self._fail(list(entries.values()), [live.cached.id], error)
             return None
         delivered = time.monotonic()
-        for batch in live:
-            self._metrics.tokens_waited(delivered - batch.delivered_at, len(batch.entries))
-        running = await self._advance(entries, result)
+        self._metrics.tokens_waited(delivered - live.delivered_at, len(entries))
+        joined = await self._advance(entries, result)
         self._metrics.step_done("decode", result, started, delivered)
-        return running
+        return joined
 
     async def _advance(self, entries: dict[int, Entry], result: StepResult) -> RunningBatch | None:
         self.last_step_ok = time.monotonic()
