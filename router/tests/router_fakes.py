@@ -74,6 +74,7 @@ class FakeShard:
     gate: asyncio.Semaphore | None = None
     fail_next_decode: bool = False
     fail_next_mixed: bool = False
+    crash_next_decode: bool = False  # raise a plain exception, as a bug would
     masks: list[dict[int, bytes]] = field(default_factory=list)
 
     async def prefill(
@@ -109,6 +110,9 @@ class FakeShard:
         if self.fail_next_decode:
             self.fail_next_decode = False
             raise rpc_error("shard exploded")
+        if self.crash_next_decode:
+            self.crash_next_decode = False
+            raise RuntimeError("a bug in the step")
         self.batches[batches[0].id] = ids
         return self._step(batches[0].id, ids, token_masks)
 

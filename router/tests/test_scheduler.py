@@ -177,6 +177,20 @@ async def test_shard_failure_fails_the_batch_with_424_and_keeps_serving():
     h.close()
 
 
+async def test_an_unexpected_exception_fails_the_step_not_the_loop():
+    h = Harness({"a": "aaaa", "b": "bb"})
+    h.shard.crash_next_decode = True
+    failed = make_entry(1, "a")
+    h.queue.append(failed)
+    with pytest.raises(GenerationError, match="RuntimeError: a bug in the step"):
+        await h.result(failed)
+    assert h.allocator.num_used_blocks == 0
+    later = make_entry(2, "b")
+    h.queue.append(later)
+    assert await h.result(later) == "bb"
+    h.close()
+
+
 async def test_a_failed_mixed_step_fails_running_and_new_requests_alike():
     h = Harness({"a": "a" * 10, "b": "bb", "c": "cc"}, gated=True)
     h.shard.fail_next_mixed = True

@@ -164,7 +164,7 @@ class Scheduler:
                 masks = self._token_masks(everyone.values())
                 cached = running.cached if running is not None else None
                 result = await self._client.prefill(batch, masks, cached)
-        except grpc.aio.AioRpcError as error:
+        except Exception as error:  # a shard error, or a bug: fail the step, keep serving
             self._metrics.step_failed("prefill")
             await self._fail(list(everyone.values()), batch_ids, error)
             return None
@@ -186,7 +186,7 @@ class Scheduler:
             with self._tracing.step("decode", entries.values()):
                 masks = self._token_masks(entries.values())
                 result = await self._client.decode([live.cached], masks)
-        except grpc.aio.AioRpcError as error:
+        except Exception as error:  # a shard error, or a bug: fail the step, keep serving
             self._metrics.step_failed("decode")
             await self._fail(list(entries.values()), [live.cached.id], error)
             return None
@@ -223,9 +223,13 @@ class Scheduler:
             return None
         return RunningBatch(cached, running.entries, running.delivered_at)
 
-    async def _fail(self, entries: list[Entry], batch_ids: list[int], error: grpc.RpcError) -> None:
-        message = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
-        logger.error("step failed for %d request(s): %s", len(entries), message)
+    async def _fail(self, entries: list[Entry], batch_ids: list[int], error: Exception) -> None:
+        if isinstance(error, grpc.aio.AioRpcError):
+            message = error.details()
+            logger.error("step failed for %d request(s): %s", len(entries), message)
+        else:
+            message = f"{type(error).__name__}: {error}"
+            logger.exception("step failed for %d request(s)", len(entries), exc_info=error)
         for entry in entries:
             entry.fail(GenerationError(f"Request failed during generation: {message}"))
             self._release(entry)
