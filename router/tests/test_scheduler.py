@@ -163,26 +163,19 @@ async def test_cancelled_while_queued_never_reaches_the_shard():
     h.close()
 
 
-async def test_shard_failure_fails_the_batch_with_424_and_keeps_serving():
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        ("fail_next_decode", "shard exploded"),  # a gRPC error from the shard
+        ("crash_next_decode", "RuntimeError: a bug in the step"),  # any other exception
+    ],
+)
+async def test_a_failed_step_fails_its_batch_with_424_and_keeps_serving(failure, message):
     h = Harness({"a": "aaaa", "b": "bb"})
-    h.shard.fail_next_decode = True
+    setattr(h.shard, failure, True)
     failed = make_entry(1, "a")
     h.queue.append(failed)
-    with pytest.raises(GenerationError, match="shard exploded"):
-        await h.result(failed)
-    assert h.allocator.num_used_blocks == 0
-    later = make_entry(2, "b")
-    h.queue.append(later)
-    assert await h.result(later) == "bb"
-    h.close()
-
-
-async def test_an_unexpected_exception_fails_the_step_not_the_loop():
-    h = Harness({"a": "aaaa", "b": "bb"})
-    h.shard.crash_next_decode = True
-    failed = make_entry(1, "a")
-    h.queue.append(failed)
-    with pytest.raises(GenerationError, match="RuntimeError: a bug in the step"):
+    with pytest.raises(GenerationError, match=message):
         await h.result(failed)
     assert h.allocator.num_used_blocks == 0
     later = make_entry(2, "b")
