@@ -57,6 +57,37 @@ def test_default_model_loads_offline(default_model_dir: Path) -> None:
     assert tokenizer.chat_template
 
 
+def test_default_model_keeps_its_gguf_blocks(default_model_dir: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(default_model_dir / model_mod.GGUF_BLOCKS_FILE), framework="pt") as f:
+        kinds = f.metadata()
+        assert set(f.keys()) == set(kinds)
+    # 30 layers x 7 projections in Q4_1, and the (tied) embedding in Q8_0
+    assert sorted(set(kinds.values())) == ["Q4_1", "Q8_0"]
+    assert list(kinds.values()).count("Q4_1") == 30 * 7
+    assert kinds["model.embed_tokens.weight"] == "Q8_0"
+
+
+def test_gguf_blocks_that_do_not_match_a_weight_are_dropped(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    with torch.no_grad():
+        model.model.layers[3].mlp.up_proj.weight[0, 0] += 1.0  # no longer what the blocks hold
+    target = tmp_path / model_mod.GGUF_BLOCKS_FILE
+    model_mod._write_gguf_blocks(gguf, model, target)
+    with safe_open(str(target), framework="pt") as f:
+        kept = set(f.keys())
+    assert "model.layers.3.mlp.up_proj.weight" not in kept
+    assert "model.layers.3.mlp.gate_proj.weight" in kept
+    assert len(kept) == 30 * 7
+
+
 def test_default_model_is_converted_once(default_model_dir: Path, model_cache: Path) -> None:
     mtime = (default_model_dir / "model.safetensors").stat().st_mtime_ns
     start = time.monotonic()

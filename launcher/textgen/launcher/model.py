@@ -40,6 +40,13 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", 
 HUB_BIN_PATTERNS = ["*.bin"]
 HUB_OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 
+# A converted GGUF also keeps its quantized blocks, which the shard's native kernel reads
+# as they are (textgen.server.weights reads this same path). Bump the version when the
+# converted directory's contents change, so older conversions are not reused.
+GGUF_BLOCKS_FILE = "quantized/gguf-blocks.safetensors"
+GGUF_KEPT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+GGUF_CONVERSION_VERSION = "2"
+
 
 class ModelError(Exception):
     """A model could not be resolved; the message is meant for the user as is."""
@@ -181,7 +188,8 @@ def _snapshot_download(model_id: str, revision: str | None, patterns: list[str])
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     """Convert a GGUF file once into `cache_dir`, keyed by its name, size and mtime."""
-    target = cache_dir / "gguf" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    key = _digest([_file_key(gguf_path), GGUF_CONVERSION_VERSION])
+    target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}"
     return _convert_once(target, lambda out: _write_gguf_as_safetensors(gguf_path, out))
 
 
@@ -250,6 +258,54 @@ def _write_gguf_as_safetensors(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     if not (out / "generation_config.json").exists():
         model.generation_config.save_pretrained(out)
+    _write_gguf_blocks(gguf_path, model, out / GGUF_BLOCKS_FILE)
+
+
+def _write_gguf_blocks(gguf_path: Path, model, target: Path) -> None:
+    """Save the GGUF's Q4_0/Q4_1/Q8_0 blocks under the names of the weights they encode.
+
+    Each tensor goes through the same renaming and row reordering as transformers'
+    loader (Llama's q/k rows are permuted in GGUF), and is kept only when its blocks
+    dequantize to exactly the weight saved beside them, so a wrong mapping can never
+    reach the shard. The file's metadata names each tensor's GGUF type.
+    """
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    reader = GGUFReader(gguf_path)
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
+    names = get_gguf_hf_weights_map(model, processor)
+    state = model.state_dict()
+    blocks: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind not in GGUF_KEPT_TYPES:
+            continue
+        result = processor.process(weights=np.array(tensor.data), name=tensor.name)
+        hf_name = names.get(result.name)
+        reference = state.get(hf_name) if hf_name else None
+        data = np.ascontiguousarray(result.weights)
+        if reference is None or data.ndim != 2:
+            continue
+        values = torch.from_numpy(dequantize(data, tensor.tensor_type).copy())
+        if values.shape != reference.shape or not torch.equal(values, reference):
+            logger.info("GGUF tensor %s kept only dequantized: its blocks do not map", tensor.name)
+            continue
+        blocks[hf_name] = torch.from_numpy(data)
+        types[hf_name] = kind
+    if blocks:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(blocks, str(target), metadata=types)
 
 
 def _write_bin_dir_as_safetensors(model_dir: Path, out: Path) -> None:

@@ -3,20 +3,59 @@
 Each layer asks for its own rank's slice, so a shard never materialises the
 full tensor of a split weight: `safe_open(...).get_slice` reads only the rows
 or columns asked for.
+
+A model converted from GGUF also holds the GGUF's quantized blocks in
+`GGUF_BLOCKS_FILE` (written by the launcher's conversion); `blocks` reads them
+where the shard's dtype runs on them (`textgen.server.layers.gguf` says when).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# NOTE: the same path as textgen.launcher.model.GGUF_BLOCKS_FILE, which writes it.
+GGUF_BLOCKS_FILE = "quantized/gguf-blocks.safetensors"
+
+Range = tuple[int, int]  # [start, stop)
+
+GGUF_BLOCK = 32  # weights per GGUF block, along the input features
+# ggml type name -> (ggml type id, bytes per block)
+GGML_TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}
+
+
+@dataclass(frozen=True)
+class GGUFBlocks:
+    """A weight [out, in] as GGUF blocks: `data` is uint8 [out, in / 32 * block bytes]."""
+
+    data: torch.Tensor
+    kind: str  # a key of GGML_TYPES
+
+    @property
+    def in_features(self) -> int:
+        return self.data.shape[1] // GGML_TYPES[self.kind][1] * GGUF_BLOCK
+
+    def columns(self, start: int, stop: int) -> GGUFBlocks | None:
+        """Input features [start, stop), or None when they do not fall on block bounds."""
+        if start % GGUF_BLOCK or stop % GGUF_BLOCK:
+            return None
+        size = GGML_TYPES[self.kind][1]
+        data = self.data[:, start // GGUF_BLOCK * size : stop // GGUF_BLOCK * size]
+        return GGUFBlocks(data.contiguous(), self.kind)
+
+
+def blocks_usable(dtype: torch.dtype, device: torch.device) -> bool:
+    """True when a shard of this dtype on this device runs on GGUF blocks (bf16 on CPU)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and kernels.gguf_linear() is not None
 
 
 class Weights:
@@ -30,6 +69,11 @@ class Weights:
         self.group = group
         self._files = _tensor_files(Path(model_dir))
         self._handles: dict[Path, object] = {}
+        blocks = Path(model_dir) / GGUF_BLOCKS_FILE
+        use_blocks = blocks.is_file() and blocks_usable(dtype, device)
+        self._blocks = safe_open(str(blocks), framework="pt", device="cpu") if use_blocks else None
+        # The file's metadata maps each tensor to its GGUF type.
+        self._block_kinds: dict[str, str] = self._blocks.metadata() if use_blocks else {}
 
     def has(self, name: str) -> bool:
         return name in self._files
@@ -40,18 +84,38 @@ class Weights:
 
     def get_sharded(self, name: str, dim: int) -> torch.Tensor:
         """This rank's equal share of `name` along `dim` (0: rows, 1: columns)."""
-        size = self._open(name).get_slice(name).get_shape()[dim]
-        world_size, rank = self.group.world_size, self.group.rank
-        if size % world_size != 0:
-            raise ValueError(f"{name}: dim {dim} of size {size} does not split {world_size} ways")
-        block = size // world_size
-        return self.get_range(name, dim, rank * block, (rank + 1) * block)
+        return self.get_range(name, dim, *self.shard_range(name, dim))
 
     def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) [start, stop) of `name`, read alone from disk."""
         part = self._open(name).get_slice(name)
         tensor = part[start:stop] if dim == 0 else part[:, start:stop]
         return self._cast(tensor)
+
+    def blocks(
+        self, name: str, rows: Range | None = None, columns: Range | None = None
+    ) -> GGUFBlocks | None:
+        """`name`'s GGUF blocks, rows and input columns [start, stop) of them.
+
+        None when the model has no blocks, this shard does not run on them, the tensor
+        is not kept quantized, or the columns do not fall on block bounds.
+        """
+        kind = self._block_kinds.get(name)
+        if kind not in GGML_TYPES:
+            return None
+        data = self._blocks.get_slice(name)
+        data = data[rows[0] : rows[1]] if rows is not None else data[:]
+        found = GGUFBlocks(data.contiguous(), kind)
+        return found if columns is None else found.columns(*columns)
+
+    def shard_range(self, name: str, dim: int) -> Range:
+        """This rank's equal share [start, stop) of `name`'s size along `dim`."""
+        size = self._open(name).get_slice(name).get_shape()[dim]
+        world_size, rank = self.group.world_size, self.group.rank
+        if size % world_size != 0:
+            raise ValueError(f"{name}: dim {dim} of size {size} does not split {world_size} ways")
+        block = size // world_size
+        return rank * block, (rank + 1) * block
 
     def _open(self, name: str):
         if name not in self._files:

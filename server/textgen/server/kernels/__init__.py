@@ -3,8 +3,8 @@
 Each kernel is a plain C file next to this module. The first shard to need one compiles
 it with `cc -O3 -march=native` into a cache folder keyed by the source, the compiler
 flags and the CPU, so later starts load the built library at once. No compiler, a failed
-build or TEXTGEN_NATIVE_KERNELS=0 leaves `paged_attention()` returning None, and the
-callers keep their torch path: the kernels are a speed-up, never a requirement.
+build or TEXTGEN_NATIVE_KERNELS=0 leaves `paged_attention()` and `gguf_linear()` returning
+None, and the callers keep their torch path: the kernels are a speed-up, never a requirement.
 
 Cache folder: $TEXTGEN_KERNEL_CACHE, else ~/.cache/textgen/kernels.
 """
@@ -86,26 +86,54 @@ def build(name: str) -> Path:
 @functools.cache
 def paged_attention() -> ctypes.CDLL | None:
     """The paged decode attention library, or None where it cannot be built here."""
+    return _load(
+        "paged_attention",
+        "textgen_paged_decode",
+        [
+            *[ctypes.c_void_p] * 5,  # q, key, value, out, block_tables
+            ctypes.c_int64,  # table_stride
+            ctypes.c_void_p,  # context_lens
+            *[ctypes.c_int64] * 8,  # seqs, heads, kv heads, head_dim, block size, 3 strides
+            ctypes.c_float,  # scale
+            ctypes.c_int,  # kind
+            ctypes.c_void_p,  # scratch
+            ctypes.c_int64,  # scratch floats per thread
+            ctypes.c_int,  # threads
+        ],
+    )
+
+
+@functools.cache
+def gguf_linear() -> ctypes.CDLL | None:
+    """The GGUF-block matrix product library, or None where it cannot be built here."""
+    return _load(
+        "gguf_linear",
+        "textgen_gguf_linear",
+        [
+            ctypes.c_void_p,  # x
+            ctypes.c_int64,  # x row stride
+            ctypes.c_void_p,  # weight blocks
+            ctypes.c_int,  # ggml type
+            ctypes.c_void_p,  # y
+            ctypes.c_int64,  # y row stride
+            *[ctypes.c_int64] * 3,  # m, n, k
+            ctypes.c_int,  # kind
+            ctypes.c_int,  # threads
+        ],
+    )
+
+
+def _load(name: str, function: str, argtypes: list) -> ctypes.CDLL | None:
     if not enabled():
         return None
     try:
-        library = ctypes.CDLL(str(build("paged_attention")))
+        library = ctypes.CDLL(str(build(name)))
     except (OSError, RuntimeError) as error:
-        logger.warning("native paged attention unavailable, using the torch path: %s", error)
+        logger.warning("native kernel %s unavailable, using the torch path: %s", name, error)
         return None
-    function = library.textgen_paged_decode
-    function.restype = ctypes.c_int
-    function.argtypes = [
-        *[ctypes.c_void_p] * 5,  # q, key, value, out, block_tables
-        ctypes.c_int64,  # table_stride
-        ctypes.c_void_p,  # context_lens
-        *[ctypes.c_int64] * 8,  # seqs, heads, kv heads, head_dim, block size, 3 strides
-        ctypes.c_float,  # scale
-        ctypes.c_int,  # kind
-        ctypes.c_void_p,  # scratch
-        ctypes.c_int64,  # scratch floats per thread
-        ctypes.c_int,  # threads
-    ]
+    entry = getattr(library, function)
+    entry.restype = ctypes.c_int
+    entry.argtypes = argtypes
     return library
 
 

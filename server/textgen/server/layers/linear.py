@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from textgen.server.distributed import ParallelGroup
+from textgen.server.layers import gguf
 from textgen.server.layers.packed import pack, packed_linear
-from textgen.server.weights import Weights
+from textgen.server.weights import GGUFBlocks, Weights
 
 Range = tuple[int, int]  # [start, stop) of a rank's features
 
@@ -21,11 +22,14 @@ Range = tuple[int, int]  # [start, stop) of a rank's features
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output features (rows of W)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, blocks: GGUFBlocks | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out_local, in]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
+        self.blocks = blocks  # the same weight as GGUF blocks, for small batches
 
     @classmethod
     def load(
@@ -48,9 +52,16 @@ class ColumnParallelLinear(nn.Module):
             parts = zip(prefixes, ranges, strict=True)
             return torch.cat([_rows(weights, f"{p}.{suffix}", r) for p, r in parts])
 
-        return cls(fused("weight"), fused("bias") if bias else None)
+        blocks = [
+            weights.blocks(name, rows=r or weights.shard_range(name, 0))
+            for name, r in zip([f"{p}.weight" for p in prefixes], ranges, strict=True)
+        ]
+        return cls(fused("weight"), fused("bias") if bias else None, gguf.concat_rows(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if gguf.applies(x, self.blocks):
+            out = gguf.gguf_linear(x, self.blocks)  # [T, out_local]
+            return out if self.bias is None else out + self.bias
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)  # [T, out_local]
         return nn.functional.linear(x, self.weight, self.bias)  # [T, out_local]
@@ -60,13 +71,18 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input features; partial sums are all-reduced."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, group: ParallelGroup
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group: ParallelGroup,
+        blocks: GGUFBlocks | None = None,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in_local]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.group = group
         self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
+        self.blocks = blocks  # the same weight as GGUF blocks, for small batches
 
     @classmethod
     def load(
@@ -74,16 +90,17 @@ class RowParallelLinear(nn.Module):
     ) -> RowParallelLinear:
         """`columns`: this rank's input range (uneven splits); by default an even split."""
         name = f"{prefix}.weight"
-        if columns is None:
-            weight = weights.get_sharded(name, dim=1)
-        else:
-            weight = weights.get_range(name, 1, *columns)
+        columns = columns or weights.shard_range(name, 1)
+        weight = weights.get_range(name, 1, *columns)
         # NOTE: the bias is replicated and added after the reduction, exactly once.
         bias_tensor = weights.get(f"{prefix}.bias") if bias else None
-        return cls(weight, bias_tensor, weights.group)
+        blocks = weights.blocks(name, columns=columns)
+        return cls(weight, bias_tensor, weights.group, blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if gguf.applies(x, self.blocks):
+            partial = gguf.gguf_linear(x, self.blocks)  # [T, out]
+        elif self.packed is not None:
             partial = packed_linear(x, self.packed, None)  # [T, out]
         else:
             partial = nn.functional.linear(x, self.weight)
