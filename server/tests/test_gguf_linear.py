@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,27 @@ def test_kernel_matches_the_product_with_dequantized_weights(kind, num_tokens, i
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, 7)
     # float32 sums rounded once to bf16: at most one bf16 step from the exact result's rounding
     torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for the x86-64 baseline")
+def test_portable_c_path_matches_too(tmp_path):
+    """The plain C loop (no AVX-512) that other CPUs build, compiled here for the baseline ISA."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    source = Path(kernels.__file__).parent / "gguf_linear.c"
+    built = tmp_path / "portable.so"
+    flags = ["-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True)
+    entry = ctypes.CDLL(str(built)).textgen_gguf_linear
+    entry.argtypes = kernels.gguf_linear().textgen_gguf_linear.argtypes
+    torch.manual_seed(3)
+    for kind in ("Q4_0", "Q4_1", "Q8_0"):
+        blocks = _blocks(torch.randn(5, 96), kind)
+        x = torch.randn(6, 96).to(torch.bfloat16)
+        out = torch.empty(6, 5, dtype=torch.bfloat16)
+        type_id = gguf.GGML_TYPES[kind][0]
+        args = (x.data_ptr(), 96, blocks.data.data_ptr(), type_id, out.data_ptr(), 5, 6, 5, 96)
+        assert entry(*args, 1, 2) == 0
+        torch.testing.assert_close(out, gguf.gguf_linear(x, blocks), rtol=2**-7, atol=1e-3)
 
 
 def test_kernel_reads_strided_rows():
