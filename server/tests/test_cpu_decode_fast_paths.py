@@ -10,7 +10,9 @@ from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
 from textgen.server.attention.cpu import _decode, _native_decode
 from textgen.server.kv_cache import LayerCache
+from textgen.server.layers.norm import RMSNorm
 from textgen.server.layers.packed import pack, packed_linear
+from textgen.server.layers.rotary import RopeConfig, RotaryEmbedding
 
 
 def _native(q, cache, meta):
@@ -106,3 +108,43 @@ def test_float32_weights_stay_unpacked(monkeypatch):
     assert pack(torch.randn(8, 8)) is None
     monkeypatch.setenv("TEXTGEN_PACKED_LINEAR", "0")
     assert pack(torch.randn(8, 8, dtype=torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+def test_native_rms_norm_rounds_like_the_torch_path(tokens):
+    torch.manual_seed(tokens)
+    norm = RMSNorm((torch.rand(40) + 0.5).to(torch.bfloat16), eps=1e-5)
+    assert norm.native is not None, "the C kernel must build here (a compiler is on PATH)"
+    wide = (torch.randn(tokens, 56) * 3).to(torch.bfloat16)
+    x = wide[:, 8:48]  # rows 56 elements apart
+    out = norm(x)
+    norm.native = None
+    expected = norm(x)
+    # Same roundings; only the order of the float32 variance sum differs.
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=0.0)
+    assert (out != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize(("tokens", "hq", "hkv"), [(1, 9, 3), (5, 4, 4), (64, 8, 1)])
+def test_native_rotary_matches_the_torch_path(tokens, hq, hkv):
+    torch.manual_seed(hq)
+    d = 24
+    config = RopeConfig(head_dim=d, theta=10000.0, max_position=512)
+    rotary = RotaryEmbedding(config, torch.bfloat16, torch.device("cpu"))
+    assert rotary.native is not None, "the C kernel must build here (a compiler is on PATH)"
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d).to(torch.bfloat16)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(tokens, hq, d), k.view(tokens, hkv, d)
+    positions = torch.randint(0, 512, (tokens,))
+    expected = []  # float64 rotation with float64 tables, rounded once to bf16
+    angles = positions.double()[:, None] * (1.0 / 10000.0 ** (torch.arange(0, d, 2) / d)).double()
+    cos = torch.cat([angles.cos()] * 2, -1)[:, None]  # [T, 1, D]
+    sin = torch.cat([angles.sin()] * 2, -1)[:, None]
+    for x in (q, k):
+        x64 = x.double()
+        turned = torch.cat([-x64[..., d // 2 :], x64[..., : d // 2]], dim=-1)
+        expected.append((x64 * cos + turned * sin).to(torch.bfloat16))
+    q_native, k_native = rotary(positions, q, k)  # views of the fused qkv, rotated in place
+    assert q_native.data_ptr() == qkv.data_ptr()
+    for out, want in zip((q_native, k_native), expected, strict=True):
+        torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-5)

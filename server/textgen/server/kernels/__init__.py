@@ -3,8 +3,9 @@
 Each kernel is a plain C file next to this module. The first shard to need one compiles
 it with `cc -O3 -march=native` into a cache folder keyed by the source, the compiler
 flags and the CPU, so later starts load the built library at once. No compiler, a failed
-build or TEXTGEN_NATIVE_KERNELS=0 leaves `paged_attention()` and `gguf_linear()` returning
-None, and the callers keep their torch path: the kernels are a speed-up, never a requirement.
+build or TEXTGEN_NATIVE_KERNELS=0 leaves the loaders (`paged_attention()` and the rest)
+returning None, and the callers keep their torch path: the kernels are a speed-up, never
+a requirement.
 
 Cache folder: $TEXTGEN_KERNEL_CACHE, else ~/.cache/textgen/kernels.
 """
@@ -88,8 +89,7 @@ def paged_attention() -> ctypes.CDLL | None:
     """The paged decode attention library, or None where it cannot be built here."""
     return _load(
         "paged_attention",
-        "textgen_paged_decode",
-        [
+        textgen_paged_decode=[
             *[ctypes.c_void_p] * 5,  # q, key, value, out, block_tables
             ctypes.c_int64,  # table_stride
             ctypes.c_void_p,  # context_lens
@@ -108,8 +108,7 @@ def gguf_linear() -> ctypes.CDLL | None:
     """The GGUF-block matrix product library, or None where it cannot be built here."""
     return _load(
         "gguf_linear",
-        "textgen_gguf_linear",
-        [
+        textgen_gguf_linear=[
             ctypes.c_void_p,  # x
             ctypes.c_int64,  # x row stride
             ctypes.c_void_p,  # weight blocks
@@ -123,7 +122,31 @@ def gguf_linear() -> ctypes.CDLL | None:
     )
 
 
-def _load(name: str, function: str, argtypes: list) -> ctypes.CDLL | None:
+@functools.cache
+def token_ops() -> ctypes.CDLL | None:
+    """RMSNorm and rotary embedding on bf16 rows, or None where they cannot be built here."""
+    return _load(
+        "token_ops",
+        textgen_rms_norm=[
+            ctypes.c_void_p,  # x
+            ctypes.c_int64,  # x row stride
+            ctypes.c_void_p,  # weight
+            ctypes.c_void_p,  # out
+            *[ctypes.c_int64] * 2,  # tokens, hidden
+            ctypes.c_float,  # eps
+        ],
+        textgen_rotary=[
+            ctypes.c_void_p,  # q
+            *[ctypes.c_int64] * 2,  # q row stride, q heads
+            ctypes.c_void_p,  # k
+            *[ctypes.c_int64] * 4,  # k row stride, k heads, tokens, head dim
+            *[ctypes.c_void_p] * 3,  # positions, cos, sin
+        ],
+    )
+
+
+def _load(name: str, **functions: list) -> ctypes.CDLL | None:
+    """Build and load `<name>.c`, declaring each function's argument types (all return int)."""
     if not enabled():
         return None
     try:
@@ -131,9 +154,10 @@ def _load(name: str, function: str, argtypes: list) -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as error:
         logger.warning("native kernel %s unavailable, using the torch path: %s", name, error)
         return None
-    entry = getattr(library, function)
-    entry.restype = ctypes.c_int
-    entry.argtypes = argtypes
+    for function, argtypes in functions.items():
+        entry = getattr(library, function)
+        entry.restype = ctypes.c_int
+        entry.argtypes = argtypes
     return library
 
 

@@ -1,11 +1,19 @@
-"""RMSNorm, computed in float32 like the reference implementation."""
+"""RMSNorm, computed in float32 like the reference implementation.
+
+Small bf16 steps on CPU run it as one native call (kernels/token_ops.c) that rounds
+where the torch path rounds, instead of eight torch ops.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from textgen.server import kernels
 from textgen.server.weights import Weights
+
+# Steps of up to this many tokens use the native call (single-threaded, per-token loop).
+NATIVE_MAX_TOKENS = 64
 
 
 class RMSNorm(nn.Module):
@@ -13,14 +21,33 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [hidden]
         self.eps = eps
+        native = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+        self.native = kernels.token_ops() if native else None
 
     @classmethod
     def load(cls, weights: Weights, prefix: str, eps: float) -> RMSNorm:
         return cls(weights.get(f"{prefix}.weight"), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and _native_applies(x):
+            out = torch.empty(x.shape, dtype=x.dtype)
+            tokens, hidden = x.shape
+            self.native.textgen_rms_norm(
+                x.data_ptr(), x.stride(0), self.weight.data_ptr(), out.data_ptr(),
+                tokens, hidden, self.eps,
+            )  # fmt: skip
+            return out
         # NOTE: the variance is taken in float32 even for half-precision
         # activations, then cast back before the weight, as transformers does.
         x32 = x.float()  # [T, hidden]
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def _native_applies(x: torch.Tensor) -> bool:
+    return (
+        x.dim() == 2
+        and x.shape[0] <= NATIVE_MAX_TOKENS
+        and x.dtype == torch.bfloat16
+        and x.stride(1) == 1
+    )

@@ -1,6 +1,8 @@
 """Rotary position embedding (RoPE) with a precomputed cos/sin table.
 
 Supported `rope_type`s: "default" and "llama3" (Llama 3.1 frequency scaling).
+Small bf16 steps on CPU rotate q and k in place with one native call
+(kernels/token_ops.c) on float32 tables, instead of a dozen torch ops.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from textgen.server import kernels
+
+# Steps of up to this many tokens use the native call (single-threaded, per-token loop).
+NATIVE_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -57,14 +64,42 @@ class RotaryEmbedding(nn.Module):
         # NOTE: computed in float32 and cast once, matching transformers' rounding.
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        native = dtype == torch.bfloat16 and device.type == "cpu" and kernels.token_ops()
+        self.native = kernels.token_ops() if native else None
+        self.cos32 = emb.cos() if native else None  # [P, D] float32, for the native call
+        self.sin32 = emb.sin() if native else None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T]."""
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] by their token positions [T].
+
+        NOTE: the native path rotates q and k in place and returns them.
+        """
+        if self.native is not None and _native_layout(q, k, positions):
+            self.native.textgen_rotary(
+                q.data_ptr(), q.stride(0), q.shape[1],
+                k.data_ptr(), k.stride(0), k.shape[1],
+                q.shape[0], q.shape[2], positions.data_ptr(),
+                self.cos32.data_ptr(), self.sin32.data_ptr(),
+            )  # fmt: skip
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _native_layout(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Small steps whose heads are contiguous rows of D (views of one fused qkv are)."""
+    d = q.shape[2]
+    return (
+        q.shape[0] <= NATIVE_MAX_TOKENS
+        and q.dtype == k.dtype == torch.bfloat16
+        and q.stride()[1:] == (d, 1)
+        and k.stride()[1:] == (d, 1)
+        and positions.dtype == torch.int64
+        and positions.is_contiguous()
+    )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
