@@ -166,6 +166,49 @@ async def test_prefill_alongside_a_running_batch_matches_transformers(servicer, 
         await servicer.Decode(generate_pb2.DecodeRequest(batches=[first.batch]), ctx)
 
 
+async def test_chunked_prefill_alongside_a_running_batch_matches_transformers(servicer, tiny_llama):
+    """A prompt in three chunks (3 + 4 + 3 tokens) over mixed steps, as the router sends it."""
+    hf_model, ctx = tiny_llama[1], FakeContext()
+    running_prompt, long_prompt = [5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    first = await servicer.Prefill(prefill_request(1, [make_request(1, running_prompt, 1)]), ctx)
+    tokens = {1: list(first.generations[0].tokens.ids), 2: []}
+    batch = first.batch
+    for step, (cache_len, chunk_len) in enumerate([(0, 3), (3, 4), (7, 3)]):
+        chunk = make_request(2, long_prompt, 5, cache_len=cache_len, chunk_len=chunk_len)
+        mixed = prefill_request(10 + step, [chunk])
+        mixed.cached_batch.CopyFrom(batch)
+        reply = await servicer.Prefill(mixed, ctx)
+        ids = [g.request_id for g in reply.generations]
+        # Only the step that reaches the prompt's end yields request 2's first token.
+        assert ids == ([1, 2] if step == 2 else [1])
+        assert list(reply.batch.request_ids) == ids
+        for g in reply.generations:
+            tokens[g.request_id] += g.tokens.ids
+        batch = reply.batch
+    for _ in range(2):
+        batch_reply = await servicer.Decode(generate_pb2.DecodeRequest(batches=[batch]), ctx)
+        batch = batch_reply.batch
+        for g in batch_reply.generations:
+            tokens[g.request_id] += g.tokens.ids
+    assert len(tokens[2]) == 3
+    assert tokens[1] == hf_greedy(hf_model, running_prompt, len(tokens[1]))
+    assert tokens[2] == hf_greedy(hf_model, long_prompt, 3)
+
+
+async def test_a_leading_chunk_alone_returns_no_batch(servicer, tiny_llama):
+    ctx = FakeContext()
+    prompt = [3, 1, 4, 1, 5, 9]
+    reply = await servicer.Prefill(
+        prefill_request(1, [make_request(1, prompt, 1, chunk_len=4)]), ctx
+    )
+    assert not reply.generations and not reply.HasField("batch")
+    reply = await servicer.Prefill(
+        prefill_request(2, [make_request(1, prompt, 1, cache_len=4, chunk_len=4)]), ctx
+    )
+    assert list(reply.batch.request_ids) == [1]
+    assert list(reply.generations[0].tokens.ids) == hf_greedy(tiny_llama[1], prompt, 1)
+
+
 async def test_a_failed_mixed_step_leaves_the_running_batch_as_it_was(servicer):
     ctx = FakeContext()
     first = await servicer.Prefill(prefill_request(1, [make_request(1, [5, 6], 1)]), ctx)
@@ -218,6 +261,10 @@ async def test_bad_requests_are_errors_not_crashes(servicer):
         lambda: servicer.Prefill(prefill_request(5, [make_request(1, [], 1)]), ctx),
         lambda: servicer.Prefill(prefill_request(5, [too_few_blocks()]), ctx),
         lambda: servicer.Prefill(prefill_request(5, [make_request(1, [1], 1, cache_len=2)]), ctx),
+        lambda: servicer.Prefill(
+            prefill_request(5, [make_request(1, [1, 2], 1, chunk_len=1, prefill_logprobs=True)]),
+            ctx,
+        ),
     ]
     for rpc in bad_rpcs:
         with pytest.raises(Aborted) as e:

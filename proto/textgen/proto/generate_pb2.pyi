@@ -112,7 +112,7 @@ class TokenMask(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., bitmask: _Optional[bytes] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("id", "input_ids", "parameters", "top_n_tokens", "blocks", "slots", "cache_len", "prefill_logprobs", "max_new_tokens", "watermark")
+    __slots__ = ("id", "input_ids", "parameters", "top_n_tokens", "blocks", "slots", "cache_len", "prefill_logprobs", "max_new_tokens", "watermark", "chunk_len")
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Request(_message.Message):
     PREFILL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_LEN_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     parameters: SamplingParameters
@@ -133,7 +134,8 @@ class Request(_message.Message):
     prefill_logprobs: bool
     max_new_tokens: int
     watermark: WatermarkParameters
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., parameters: _Optional[_Union[SamplingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[int]] = ..., cache_len: _Optional[int] = ..., prefill_logprobs: _Optional[bool] = ..., max_new_tokens: _Optional[int] = ..., watermark: _Optional[_Union[WatermarkParameters, _Mapping]] = ...) -> None: ...
+    chunk_len: int
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., parameters: _Optional[_Union[SamplingParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[int]] = ..., cache_len: _Optional[int] = ..., prefill_logprobs: _Optional[bool] = ..., max_new_tokens: _Optional[int] = ..., watermark: _Optional[_Union[WatermarkParameters, _Mapping]] = ..., chunk_len: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("id", "requests", "size", "max_tokens")

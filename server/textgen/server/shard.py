@@ -104,7 +104,9 @@ class Shard:
         """Prefill `batch`; with `cached`, that running batch decodes in the same forward.
 
         The running requests go first (one token each, the attention's decode path),
-        then the new prompts; the reply's batch holds both under `batch.id`.
+        then the new prompts; the reply's batch holds both under `batch.id`. A request
+        given one chunk of its prompt (`chunk_len`) that does not reach the prompt's
+        end only fills its KV cache: no generation, and it stays out of the batch.
         """
         start = time.monotonic_ns()
         masks = _token_masks(token_masks)
@@ -120,27 +122,36 @@ class Shard:
                 raise InvalidRequestError(f"requests {sorted(clashes)} are already running")
             for state in running:
                 check_block_table(state.id, state.block_table, state.length, limits)
-        states = [_new_state(r) for r in batch.requests]
         inputs = [self._prefill_input(r) for r in batch.requests]
+        # Requests whose prompt is complete after this step (not a leading chunk).
+        whole = [
+            i for i, r in enumerate(batch.requests) if inputs[i].context_len == len(r.input_ids)
+        ]
+        states = [_new_state(batch.requests[i]) for i in whole]
         logits = self.runner.forward([self._decode_input(s) for s in running] + inputs)
         forward_done = time.monotonic_ns()
         everyone = running + states
-        last_logits = torch.stack([x[-1] for x in logits])  # [B_running + B, V]
-        output = sample(last_logits, [s.sampling_request(masks.get(s.id)) for s in everyone])
-        generations = _generations(everyone, output)
-        for i, request in enumerate(batch.requests):
-            if request.prefill_logprobs:
-                row = len(running) + i
+        rows = list(range(len(running))) + [len(running) + i for i in whole]
+        generations = []
+        if everyone:
+            last_logits = torch.stack([logits[row][-1] for row in rows])  # [B_running + B, V]
+            requests = [s.sampling_request(masks.get(s.id)) for s in everyone]
+            generations = _generations(everyone, sample(last_logits, requests))
+        for generation, row in zip(generations, rows, strict=True):
+            request = batch.requests[row - len(running)] if row >= len(running) else None
+            if request is not None and request.prefill_logprobs:
                 prompt = list(request.input_ids)
-                tokens = _prefill_tokens(prompt, logits[row], inputs[i].start_pos)
-                generations[row].prefill_tokens.CopyFrom(tokens)
+                start_pos = inputs[row - len(running)].start_pos
+                generation.prefill_tokens.CopyFrom(_prefill_tokens(prompt, logits[row], start_pos))
         if cached is not None:
             del self.batches[cached.id]
-        self.batches[batch.id] = joined = Batch(batch.id, everyone)
+        joined = None
+        if everyone:
+            self.batches[batch.id] = joined = Batch(batch.id, everyone)
         done = time.monotonic_ns()
         return generate_pb2.PrefillResponse(
             generations=generations,
-            batch=joined.to_proto(),
+            batch=joined.to_proto() if joined is not None else None,
             forward_ns=forward_done - start,
             decode_ns=done - forward_done,
             total_ns=done - start,
@@ -151,6 +162,9 @@ class Shard:
         # NOTE: a fully cached prompt still recomputes its last token: its logits
         # are the first step's distribution.
         cache_len = min(request.cache_len, len(prompt) - 1)
+        end = len(prompt)
+        if request.chunk_len:
+            end = min(end, cache_len + request.chunk_len)
         blocks = list(request.blocks)
         slots = list(request.slots) or [
             blocks[p // self.config.block_size] * self.config.block_size
@@ -158,9 +172,9 @@ class Shard:
             for p in range(len(prompt))
         ]
         return SequenceInput(
-            token_ids=prompt[cache_len:],
+            token_ids=prompt[cache_len:end],
             start_pos=cache_len,
-            slots=slots[cache_len:],
+            slots=slots[cache_len:end],
             block_table=blocks,
             all_logits=request.prefill_logprobs,
         )

@@ -45,6 +45,8 @@ def check_prefill_request(request: generate_pb2.Request, limits: ShardLimits) ->
         raise InvalidRequestError(f"{where}: {prompt_len} tokens exceed {limits.max_position}")
     if request.cache_len > prompt_len:
         raise InvalidRequestError(f"{where}: cache_len {request.cache_len} > {prompt_len}")
+    if request.chunk_len and request.prefill_logprobs:
+        raise InvalidRequestError(f"{where}: prefill_logprobs needs the prompt in one chunk")
     check_block_table(request.id, list(request.blocks), prompt_len, limits)
     if request.slots:
         if len(request.slots) != prompt_len:
