@@ -72,10 +72,14 @@ class FakeShard:
     progress: dict[int, int] = field(default_factory=dict)
     scripts: dict[int, str] = field(default_factory=dict)
     gate: asyncio.Semaphore | None = None
+    gate_mixed: bool = False  # mixed steps wait on the gate too
     fail_next_decode: bool = False
     fail_next_mixed: bool = False
     crash_next_decode: bool = False  # raise a plain exception, as a bug would
     masks: list[dict[int, bytes]] = field(default_factory=list)
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)
+    """(request id, cache_len, tokens computed) of every prompt a prefill computed."""
+    prefilled: dict[int, int] = field(default_factory=dict)
 
     async def prefill(
         self,
@@ -83,7 +87,24 @@ class FakeShard:
         token_masks: Sequence[pb.TokenMask] = (),
         cached_batch: pb.CachedBatch | None = None,
     ) -> StepResult:
-        """A plain prefill records ("prefill", new ids); a mixed step ("mixed", all ids)."""
+        """A plain prefill records ("prefill", new ids); a mixed step ("mixed", all ids).
+
+        A request given a leading chunk of its prompt (chunk_len) computes it, then yields
+        nothing and stays out of the batch, as a real shard does; its next chunk must
+        start where this one ended.
+        """
+        if self.gate_mixed and cached_batch is not None:
+            await self.gate.acquire()
+        complete = []
+        for request in batch.requests:
+            assert request.cache_len == self.prefilled.get(request.id, 0), "chunks out of order"
+            end = len(request.input_ids)
+            if request.chunk_len:
+                end = min(end, request.cache_len + request.chunk_len)
+            self.chunks.append((request.id, request.cache_len, end - request.cache_len))
+            self.prefilled[request.id] = end
+            if end == len(request.input_ids):
+                complete.append(request)
         ids = [r.id for r in batch.requests]
         if cached_batch is None:
             self.calls.append(("prefill", tuple(ids)))
@@ -94,9 +115,13 @@ class FakeShard:
                 self.fail_next_mixed = False
                 raise rpc_error("shard exploded mid-mix")
             del self.batches[cached_batch.id]
-        for request in batch.requests:
+        for request in complete:
             self.scripts[request.id] = self.replies[chr(request.input_ids[0])]
             self.progress[request.id] = 0
+        partial = {r.id for r in batch.requests} - {r.id for r in complete}
+        ids = [i for i in ids if i not in partial]
+        if not ids:
+            return StepResult([], None, 0, 0)
         self.batches[batch.id] = ids
         return self._step(batch.id, ids, token_masks)
 

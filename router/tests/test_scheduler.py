@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 
 import pytest
 from router_fakes import FakeShard, tokenizer_info
@@ -215,4 +216,118 @@ async def test_requests_wait_for_kv_blocks_instead_of_failing():
     assert await h.result(second) == "b" * 10
     prefills = [call for call in h.shard.calls if call[0] == "prefill"]
     assert prefills == [("prefill", (1,)), ("prefill", (2,))]
+    h.close()
+
+
+def chunking(h: Harness, prefill_tokens: int = 64, chunk_tokens: int = 4) -> None:
+    h.scheduler._config = SchedulerConfig(
+        prefill_tokens, None, None, waiting_served_ratio=0.0, max_waiting_tokens=20,
+        prefill_chunk_tokens=chunk_tokens,
+    )  # fmt: skip
+
+
+async def step_until_chunk(h: Harness, chunk: tuple[int, int, int]) -> None:
+    """Release gated steps one by one until the fake shard has computed `chunk`."""
+    for _ in range(5):
+        if chunk in h.shard.chunks:
+            return
+        h.steps(1)
+        await h.settle()
+    assert chunk in h.shard.chunks
+
+
+async def test_a_prompt_is_prefilled_in_chunks_while_others_decode():
+    h = Harness({"a": "a" * 12, "z": "zz"}, gated=True)
+    chunking(h, chunk_tokens=4)
+    first, long = make_entry(1, "a"), make_entry(2, "z" * 10)
+    h.queue.append(first)
+    h.steps(1)
+    await h.settle()
+    h.queue.append(long)
+    h.steps(5)
+    await h.settle()
+    # Chunks of 4, 4 and 2 tokens, each beside request 1's decode step; the last yields
+    # request 2's first token and it decodes with request 1 from then on.
+    assert h.shard.chunks == [(1, 0, 1), (2, 0, 4), (2, 4, 4), (2, 8, 2)]
+    calls = h.shard.calls
+    joined = calls.index(("mixed", (1, 2)))
+    assert calls[joined : joined + 4] == [("mixed", (1, 2))] * 3 + [("decode", (1, 2))]
+    # Request 1 never misses a step: every forward after its prefill decodes it.
+    assert all(1 in call[1] for call in calls[1:] if call[0] in ("mixed", "decode"))
+    h.steps(20)
+    assert await h.result(long) == "zz"
+    assert await h.result(first) == "a" * 12
+    await h.settle()
+    assert h.allocator.num_used_blocks == 0
+    h.close()
+
+
+async def test_with_nothing_decoding_the_last_prompt_that_does_not_fit_is_chunked():
+    h = Harness({"a": "aaa", "b": "bbb"})
+    chunking(h, prefill_tokens=64, chunk_tokens=16)
+    entries = [make_entry(1, "a" * 40), make_entry(2, "b" * 40)]
+    for entry in entries:
+        h.queue.append(entry)
+    assert [await h.result(e) for e in entries] == ["aaa", "bbb"]
+    # 40 + 24 fill the first step's 64 tokens; the other 16 ride with request 1's decode.
+    assert h.shard.chunks == [(1, 0, 40), (2, 0, 24), (2, 24, 16)]
+    assert h.shard.calls[:2] == [("prefill", (1, 2)), ("mixed", (1, 2))]
+    h.close()
+
+
+async def test_prompts_whose_logprobs_are_wanted_are_not_chunked():
+    h = Harness({"a": "aaa", "b": "bbb"})
+    chunking(h, prefill_tokens=64, chunk_tokens=16)
+    details = make_entry(2, "b" * 40)
+    details.request = dataclasses.replace(details.request, decoder_input_details=True)
+    entries = [make_entry(1, "a" * 40), details]
+    for entry in entries:
+        h.queue.append(entry)
+    assert [await h.result(e) for e in entries] == ["aaa", "bbb"]
+    assert (2, 0, 40) in h.shard.chunks  # whole, in a step of its own
+    h.close()
+
+
+async def test_a_request_cancelled_between_chunks_frees_its_blocks():
+    h = Harness({"a": "a" * 30, "z": "zz"}, gated=True)
+    chunking(h, chunk_tokens=4)
+    h.shard.gate_mixed = True
+    first, long = make_entry(1, "a"), make_entry(2, "z" * 10)
+    h.queue.append(first)
+    h.steps(1)
+    await h.settle()
+    h.queue.append(long)
+    await step_until_chunk(h, (2, 0, 4))
+    long.cancel()
+    h.steps(3)
+    await h.settle()
+    # At most the step already formed when it was cancelled runs; no chunk after it.
+    assert [c for c in h.shard.chunks if c[0] == 2] in ([(2, 0, 4)], [(2, 0, 4), (2, 4, 4)])
+    assert h.shard.calls[-1] == ("decode", (1,))
+    assert h.allocator.num_used_blocks == len(first.allocation.blocks)
+    h.close()
+
+
+async def test_a_failed_chunk_step_fails_the_chunked_request_too():
+    h = Harness({"a": "a" * 30, "z": "zz"}, gated=True)
+    chunking(h, chunk_tokens=4)
+    h.shard.gate_mixed = True
+    first, long = make_entry(1, "a"), make_entry(2, "z" * 10)
+    h.queue.append(first)
+    h.steps(1)
+    await h.settle()
+    h.queue.append(long)
+    await step_until_chunk(h, (2, 0, 4))
+    h.shard.fail_next_mixed = True
+    h.steps(1)
+    for entry in (first, long):
+        with pytest.raises(GenerationError):
+            await h.final_event(entry)
+    await h.settle()
+    assert h.allocator.num_used_blocks == 0
+    # Still serving, chunks and all.
+    again = make_entry(3, "z" * 10)
+    h.queue.append(again)
+    h.steps(10)
+    assert await h.result(again) == "zz"
     h.close()

@@ -46,6 +46,8 @@ FLAG_HELP = {
     "max_concurrent_requests": "requests in flight before the router answers 429",
     "waiting_served_ratio": "waiting/running ratio that triggers a prefill",
     "max_waiting_tokens": "decode steps a waiting request may be postponed",
+    "prefill_chunk_tokens": "prompt tokens a step computes while requests decode; longer"
+    " prompts are prefilled in chunks over several steps; default: whole prompts",
     "max_stop_sequences": "stop sequences per request",
     "max_top_n_tokens": "largest top_n_tokens a request may ask for",
     "max_best_of": "largest best_of a request may ask for (1 turns best_of off)",
@@ -83,6 +85,7 @@ class LauncherConfig:
     max_concurrent_requests: int = 128
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
+    prefill_chunk_tokens: int | None = None
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_best_of: int = 2
@@ -121,7 +124,7 @@ class LauncherConfig:
         names = (
             "max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens",
             "max_batch_total_tokens", "max_batch_size", "max_concurrent_requests",
-            "max_best_of", "payload_limit",
+            "max_best_of", "payload_limit", "prefill_chunk_tokens",
         )  # fmt: skip
         for name in names:
             value = getattr(self, name)

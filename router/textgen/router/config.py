@@ -28,6 +28,8 @@ class RouterConfig:
     max_concurrent_requests: int = 128
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
+    prefill_chunk_tokens: int | None = None
+    """Prompt tokens a step computes while requests decode (chunked prefill); None: off."""
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     """Largest `top_n_tokens` a request may ask for (TGI's default)."""
@@ -71,6 +73,8 @@ class RouterConfig:
             raise ValueError("grammar_compile_timeout_s must be > 0")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be >= 1")
 
     @property
     def watermark(self) -> WatermarkConfig:

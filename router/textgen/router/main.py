@@ -105,6 +105,7 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
         max_batch_size=config.max_batch_size,
         waiting_served_ratio=config.waiting_served_ratio,
         max_waiting_tokens=config.max_waiting_tokens,
+        prefill_chunk_tokens=config.prefill_chunk_tokens,
         watermark=config.watermark,
     )
     tokenizer = load_tokenizer(config.model_dir)

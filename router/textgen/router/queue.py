@@ -42,11 +42,13 @@ class Queue:
         """Return once the queue holds at least one entry."""
         await self._not_empty.wait()
 
-    def next_batch(self, budget: Budget) -> list[Entry] | None:
+    def next_batch(self, budget: Budget, chunked: bool = False) -> list[Entry] | None:
         """Take the longest prefix of the queue that fits the budget, allocating its blocks.
 
         First come, first served: the head of the queue is never overtaken, so a
-        large request cannot be starved by a stream of small ones.
+        large request cannot be starved by a stream of small ones. `chunked`: the
+        first prompt that does not fit the prefill budget is taken too (all of its
+        blocks reserved) when it can be prefilled in chunks; it goes last.
         """
         self._drop_cancelled()
         batch: list[Entry] = []
@@ -55,7 +57,8 @@ class Queue:
             request = entry.request
             if budget.max_size is not None and len(batch) >= budget.max_size:
                 break
-            if prefill_tokens + request.input_len > budget.prefill_tokens:
+            partial = prefill_tokens + request.input_len > budget.prefill_tokens
+            if partial and not (chunked and _chunkable(entry)):
                 break
             if budget.total_tokens is not None and (
                 total_tokens + request.max_total_tokens > budget.total_tokens
@@ -67,6 +70,8 @@ class Queue:
             prefill_tokens += request.input_len
             total_tokens += request.max_total_tokens
             batch.append(entry)
+            if partial:
+                break
         if not batch or (budget.min_size is not None and len(batch) < budget.min_size):
             self._release(batch)
             return None
@@ -91,3 +96,8 @@ class Queue:
             self._not_empty.set()
         else:
             self._not_empty.clear()
+
+
+def _chunkable(entry: Entry) -> bool:
+    """A prompt may be prefilled in chunks unless its per-token logprobs are wanted."""
+    return not entry.request.decoder_input_details

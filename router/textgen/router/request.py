@@ -155,6 +155,10 @@ class Entry:
         self.info = info
         self.events: asyncio.Queue[StreamEvent | RouterError] = asyncio.Queue()
         self.allocation: BlockAllocation | None = None
+        self.prefilled = 0
+        """Prompt tokens already in the KV cache (chunked prefill)."""
+        self.chunk = 0
+        """Prompt tokens the current prefill step computes."""
         self.timings = Timings()
         self.cancelled = False
         self.finished = False

@@ -19,11 +19,20 @@ batch runs, newcomers are prefilled only when there are at least
 token budget and the KV budget. A mixed step lasts as long as its prefill, so
 this trades the running requests' inter-token latency against the newcomers'
 time to first token.
+
+Chunked prefill (`prefill_chunk_tokens`): while requests are decoding, a step
+computes at most that many prompt tokens, so no decode step waits behind a
+whole prompt. A prompt that does not fit the step's budget is admitted with the
+part that does (its KV blocks reserved whole) and continues in the next steps,
+ahead of any newcomer, until its last chunk yields its first token. With no
+request decoding the budget is `max_batch_prefill_tokens`, and the last prompt
+that does not fit is chunked too, so a step fills its budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -53,6 +62,8 @@ class SchedulerConfig:
     max_batch_size: int | None
     waiting_served_ratio: float
     max_waiting_tokens: int
+    prefill_chunk_tokens: int | None = None
+    """Prompt tokens per step while requests decode; None: whole prompts, no chunks."""
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
     """Key, gamma and delta sent with requests that ask for `watermark`."""
 
@@ -89,6 +100,8 @@ class Scheduler:
         self._config = config
         self._watermark = config.watermark.to_proto()
         self._batch_ids = itertools.count()
+        self._prefilling: list[Entry] = []
+        """Admitted requests whose prompt is part-way through a chunked prefill."""
         self.last_step_ok = 0.0
         """Monotonic time of the last step that succeeded (read by /health)."""
         self.num_running = 0
@@ -99,56 +112,108 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             await self._queue.wait()
-            entries = self._queue.next_batch(self._budget(None, 0))
-            if entries is None:
-                # Only cancelled entries were waiting; the queue is empty again.
+            if not await self._run_until_empty():
+                # Nothing could start (only cancelled entries, or no KV room): poll.
                 await asyncio.sleep(0.01)
-                continue
-            await self._run_until_empty(await self._prefill(entries))
 
-    async def _run_until_empty(self, running: RunningBatch | None) -> None:
+    async def _run_until_empty(self) -> bool:
+        """Step until nothing runs or is being prefilled; False if no step ran."""
+        running: RunningBatch | None = None
         waiting_steps = 0
-        while running is not None:
-            self.num_running = len(running.entries)
-            self.current_max_tokens = running.max_tokens
-            budget = self._budget(running, waiting_steps)
-            newcomers = self._queue.next_batch(budget)
-            if newcomers is None:
+        stepped = False
+        while True:
+            self.num_running = len(running.entries) if running is not None else 0
+            self.current_max_tokens = running.max_tokens if running is not None else 0
+            entries, newcomers = self._next_prefill(running, waiting_steps)
+            if entries:
+                reason = None
+                if running is not None:
+                    waited_out = waiting_steps >= self._config.max_waiting_tokens
+                    reason = "wait_exceeded" if waited_out else "backpressure"
+                    running = await self._drop_done(running)
+                # NOTE: queued requests wait on while only continued chunks run.
+                waiting_steps = 0 if newcomers else waiting_steps + 1
+                running = await self._prefill(entries, newcomers, reason, running)
+            elif running is not None:
                 running = await self._decode(running)
                 waiting_steps += 1
-                continue
-            waiting_steps = 0
-            reason = "wait_exceeded" if budget.min_size is None else "backpressure"
-            running = await self._prefill(newcomers, reason, await self._drop_done(running))
+            else:
+                break
+            stepped = True
         self.num_running = 0
         self.current_max_tokens = 0
+        return stepped
+
+    def _next_prefill(
+        self, running: RunningBatch | None, waiting_steps: int
+    ) -> tuple[list[Entry], list[Entry]]:
+        """The next step's prompt work (continued chunks first) and the newcomers among it.
+
+        Sets each entry's `chunk`: the prompt tokens it computes in the step.
+        """
+        budget = self._budget(running, waiting_steps)
+        tokens = budget.prefill_tokens
+        continued = []
+        for entry in list(self._prefilling):
+            if entry.cancelled:
+                self._prefilling.remove(entry)
+                self._release(entry)
+            elif tokens > 0:
+                entry.chunk = min(entry.request.input_len - entry.prefilled, tokens)
+                tokens -= entry.chunk
+                continued.append(entry)
+        newcomers = []
+        if tokens > 0:
+            chunked = self._config.prefill_chunk_tokens is not None
+            budget = dataclasses.replace(budget, prefill_tokens=tokens)
+            newcomers = self._queue.next_batch(budget, chunked) or []
+            for entry in newcomers:
+                entry.chunk = min(entry.request.input_len, tokens)
+                tokens -= entry.chunk
+        return continued + newcomers, newcomers
 
     def _budget(self, running: RunningBatch | None, waiting_steps: int) -> Budget:
         config = self._config
         total = config.max_batch_total_tokens
+        reserved = sum(entry.request.max_total_tokens for entry in self._prefilling)
+        if total is not None:
+            total -= reserved
         if running is None:
-            return Budget(None, config.max_batch_size, config.max_batch_prefill_tokens, total)
+            max_size = config.max_batch_size
+            if max_size is not None:
+                max_size -= len(self._prefilling)
+            return Budget(None, max_size, config.max_batch_prefill_tokens, total)
         size = len(running.entries)
         min_size = None
         if waiting_steps < config.max_waiting_tokens:
             min_size = int(size * config.waiting_served_ratio)
-        max_size = None if config.max_batch_size is None else config.max_batch_size - size
+        max_size = None
+        if config.max_batch_size is not None:
+            max_size = config.max_batch_size - size - len(self._prefilling)
         if total is not None:
             total -= running.max_tokens
-        return Budget(min_size, max_size, config.max_batch_prefill_tokens, total)
+        prefill_tokens = config.max_batch_prefill_tokens
+        if config.prefill_chunk_tokens is not None:
+            prefill_tokens = min(prefill_tokens, config.prefill_chunk_tokens)
+        return Budget(min_size, max_size, prefill_tokens, total)
 
     async def _prefill(
         self,
         entries: list[Entry],
+        newcomers: list[Entry],
         concat_reason: str | None = None,
         running: RunningBatch | None = None,
     ) -> RunningBatch | None:
-        """Prefill `entries`; a `running` batch decodes in the same forward (a mixed step)."""
+        """Prefill `entries` (each its `chunk`); a `running` batch decodes in the same forward.
+
+        `newcomers` are the entries that left the queue for this step.
+        """
         now = time.monotonic()
-        for entry in entries:
+        for entry in newcomers:
             entry.timings.batched = now
-        self._tracing.queued(entries)
-        self._metrics.batch_formed(len(entries), concat_reason)
+        self._tracing.queued(newcomers)
+        if newcomers:
+            self._metrics.batch_formed(len(newcomers), concat_reason)
         batch = pb.Batch(
             id=next(self._batch_ids),
             requests=[_to_proto(entry, self._watermark) for entry in entries],
@@ -166,11 +231,20 @@ class Scheduler:
                 result = await self._client.prefill(batch, masks, cached)
         except Exception as error:  # a shard error, or a bug: fail the step, keep serving
             self._metrics.step_failed("prefill")
+            self._prefilling = [e for e in self._prefilling if e.id not in everyone]
             await self._fail(list(everyone.values()), batch_ids, error)
             return None
         delivered = time.monotonic()
         if running is not None:
             self._metrics.tokens_waited(delivered - running.delivered_at, len(running.entries))
+        for entry in entries:
+            entry.prefilled += entry.chunk
+            if entry.prefilled < entry.request.input_len:  # more chunks to come
+                del everyone[entry.id]
+                if entry not in self._prefilling:
+                    self._prefilling.append(entry)
+            elif entry in self._prefilling:
+                self._prefilling.remove(entry)
         joined = await self._advance(everyone, result)
         self._metrics.step_done("prefill", result, now, delivered)
         return joined
@@ -256,6 +330,7 @@ class Scheduler:
 def _to_proto(entry: Entry, watermark: pb.WatermarkParameters) -> pb.Request:
     request = entry.request
     assert entry.allocation is not None, "the queue allocates blocks before batching"
+    last_chunk = entry.prefilled + entry.chunk >= request.input_len
     message = pb.Request(
         id=entry.id,
         input_ids=request.input_ids,
@@ -266,6 +341,8 @@ def _to_proto(entry: Entry, watermark: pb.WatermarkParameters) -> pb.Request:
         prefill_logprobs=request.decoder_input_details,
         max_new_tokens=request.stopping.max_new_tokens,
         watermark=watermark if request.watermark else None,
+        cache_len=entry.prefilled,
+        chunk_len=0 if last_chunk else entry.chunk,
     )
     message.parameters.logit_bias.update(request.logit_bias)
     return message
