@@ -88,10 +88,18 @@ def test_router_accepts_the_tgi_limits_the_launcher_passes() -> None:
 
 
 def test_router_command_with_optional_flags() -> None:
-    argv = make_commands(max_batch_total_tokens=10000, max_batch_size=4, json_output=True).router()
+    from textgen.router.main import parse_args
+
+    argv = make_commands(
+        max_batch_total_tokens=10000, max_batch_size=4, json_output=True, prefill_chunk_tokens=64
+    ).router()
     assert argv[argv.index("--max-batch-total-tokens") + 1] == "10000"
     assert argv[argv.index("--max-batch-size") + 1] == "4"
+    assert argv[argv.index("--prefill-chunk-tokens") + 1] == "64"
     assert argv[-1] == "--json-output"
+    config = parse_args(argv[argv.index("--model-dir") :])
+    assert config.prefill_chunk_tokens == 64
+    assert "--prefill-chunk-tokens" not in make_commands().router()
 
 
 def test_console_script_from_the_venv() -> None:
