@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
-from textgen.server.attention.cpu import _decode, _native_decode
+from textgen.server.attention.cpu import CpuAttention, _decode, _native_decode
 from textgen.server.kv_cache import LayerCache
 from textgen.server.layers.norm import RMSNorm
 from textgen.server.layers.packed import pack, packed_linear
@@ -148,3 +148,42 @@ def test_native_rotary_matches_the_torch_path(tokens, hq, hkv):
     assert q_native.data_ptr() == qkv.data_ptr()
     for out, want in zip((q_native, k_native), expected, strict=True):
         torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-5)
+
+
+def test_bf16_prefill_and_mixed_batches_attend_through_the_kernel_per_token():
+    """A decode, a prompt after a cached prefix and a fresh prompt in one bf16 forward."""
+    assert kernels.paged_attention() is not None, "the C kernel must build here"
+    torch.manual_seed(4)
+    hq, hkv, d, block_size, num_blocks = 6, 2, 32, 4, 16
+    dtype = torch.bfloat16
+    key = torch.randn(num_blocks, block_size, hkv, d).to(dtype)
+    value = torch.randn(num_blocks, block_size, hkv, d).to(dtype)
+    tables = [[3, 7, 1, 0], [5, 2, 9, 11], [4, 6, 8, 10]]
+    # (cached tokens, new tokens): a decode, 5 new after 6 cached, a fresh prompt of 7
+    shapes = [(9, 1), (6, 5), (0, 7)]
+    slots, contexts = [], []
+    for table, (cached, new) in zip(tables, shapes, strict=True):
+        positions = range(cached, cached + new)
+        slots += [table[p // block_size] * block_size + p % block_size for p in positions]
+        contexts.append(cached + new)
+    num_tokens = len(slots)
+    q = torch.randn(num_tokens, hq, d).to(dtype)
+    k = torch.randn(num_tokens, hkv, d).to(dtype)
+    v = torch.randn(num_tokens, hkv, d).to(dtype)
+    meta = AttentionMetadata(
+        slots=torch.tensor(slots),
+        query_lens=[new for _, new in shapes],
+        context_lens=torch.tensor(contexts),
+        block_tables=torch.tensor(tables),
+        block_size=block_size,
+        max_context_len=max(contexts),
+    )
+    # Token i of a sequence with c cached tokens sees c + i + 1 tokens of its own table.
+    rows = [
+        (table, c + i + 1) for table, (c, n) in zip(tables, shapes, strict=True) for i in range(n)
+    ]
+    assert meta.per_token.context_lens.tolist() == [length for _, length in rows]
+    out = CpuAttention().forward(q, k, v, LayerCache(key, value), meta)  # writes k, v first
+    for row, (table, length) in enumerate(rows):
+        expected = _reference(q[row], key, value, table, length)
+        torch.testing.assert_close(out[row].double(), expected, atol=8e-3, rtol=8e-3)

@@ -108,7 +108,8 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     # NOTE: the previous token of the first generated one is the prompt's last.
     watermarks = [r.watermark for r in requests]
     logits = apply_watermark(logits, watermarks, [r.token_ids[-1] for r in requests])
-    logits = logits / _column(params, "temperature", logits)  # [B, V]
+    if any(p.temperature != 1.0 for p in params):
+        logits = logits / _column(params, "temperature", logits)  # [B, V]
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     next_ids = _choose(logits, requests)  # [B]
     chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]

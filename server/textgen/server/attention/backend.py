@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,6 +43,30 @@ class AttentionMetadata:
             if query_len != 1:
                 return i
         return len(self.query_lens)
+
+    @cached_property
+    def per_token(self) -> AttentionMetadata:
+        """Every new token as a one-token sequence over its own causal context.
+
+        A prefill or mixed batch then reads as a decode batch of T queries: token i of
+        a sequence whose context ends at C with Q new tokens attends to C - Q + i + 1
+        tokens through the same block table. Computed once per forward.
+        """
+        query_lens = torch.tensor(self.query_lens, device=self.context_lens.device)  # [B]
+        seq = torch.repeat_interleave(
+            torch.arange(len(self.query_lens), device=query_lens.device), query_lens
+        )  # [T]: the sequence of each token
+        starts = torch.cumsum(query_lens, 0) - query_lens  # [B]: first token of each
+        index = torch.arange(seq.shape[0], device=seq.device) - starts[seq]  # [T]
+        context_lens = self.context_lens[seq] - query_lens[seq] + index + 1  # [T]
+        return AttentionMetadata(
+            slots=self.slots,
+            query_lens=[1] * seq.shape[0],
+            context_lens=context_lens,
+            block_tables=self.block_tables[seq],  # [T, max_blocks]
+            block_size=self.block_size,
+            max_context_len=self.max_context_len,
+        )
 
     def split(self, num_seqs: int) -> tuple[AttentionMetadata, AttentionMetadata]:
         """The first `num_seqs` sequences and the rest, as two metadata."""

@@ -36,6 +36,10 @@ class CpuAttention(AttentionBackend):
         value_cache.index_copy_(0, metadata.slots, v)
         if metadata.is_decode:
             return _any_decode(q, cache, metadata)
+        library = _native_library(q)
+        if library is not None and q.dtype == torch.bfloat16:
+            # Prefill and mixed batches as one decode batch of T single-token queries.
+            return _native_decode(library, q, cache, metadata.per_token)
         num_decodes = metadata.num_leading_decodes
         if num_decodes == 0:
             return _prefill(q, key_cache, value_cache, metadata)
@@ -51,10 +55,17 @@ class CpuAttention(AttentionBackend):
 
 def _any_decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
     """Single-token queries: the C kernel where it applies, else the torch matmuls."""
-    library = kernels.paged_attention() if q.dtype in _NATIVE_KINDS else None
-    if library is not None and q.device.type == "cpu":
+    library = _native_library(q)
+    if library is not None:
         return _native_decode(library, q, cache, meta)
     return _decode(q, cache, meta)
+
+
+def _native_library(q: torch.Tensor):
+    """The paged attention kernel if it serves `q`'s dtype and device here, else None."""
+    if q.dtype not in _NATIVE_KINDS or q.device.type != "cpu":
+        return None
+    return kernels.paged_attention()
 
 
 def _native_decode(
