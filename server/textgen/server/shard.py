@@ -137,12 +137,12 @@ class Shard:
             last_logits = torch.stack([logits[row][-1] for row in rows])  # [B_running + B, V]
             requests = [s.sampling_request(masks.get(s.id)) for s in everyone]
             generations = _generations(everyone, sample(last_logits, requests))
-        for generation, row in zip(generations, rows, strict=True):
-            request = batch.requests[row - len(running)] if row >= len(running) else None
-            if request is not None and request.prefill_logprobs:
-                prompt = list(request.input_ids)
-                start_pos = inputs[row - len(running)].start_pos
-                generation.prefill_tokens.CopyFrom(_prefill_tokens(prompt, logits[row], start_pos))
+        for n, i in enumerate(whole):
+            request = batch.requests[i]
+            if request.prefill_logprobs:
+                prompt, row = list(request.input_ids), len(running) + i
+                tokens = _prefill_tokens(prompt, logits[row], inputs[i].start_pos)
+                generations[len(running) + n].prefill_tokens.CopyFrom(tokens)
         if cached is not None:
             del self.batches[cached.id]
         joined = None

@@ -24,6 +24,11 @@
 #include <omp.h>
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#endif
+
 #define BLOCK 32
 #define TOKEN_TILE 4
 
@@ -78,6 +83,7 @@ static int64_t block_bytes(int type) {
     }
 }
 
+#ifndef HAVE_AVX512 /* the portable path: a row at a time through a float32 buffer */
 /* One row of W (K / 32 blocks at `row`) into `w` [K] float32. */
 static void dequantize_row(const uint8_t *row, int type, int64_t blocks, float *restrict w) {
     const int64_t stride = block_bytes(type);
@@ -126,9 +132,9 @@ static void dot4(const float *restrict w, const float *restrict x, int64_t k, fl
     out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define HAVE_AVX512 1
+#endif
+
+#ifdef HAVE_AVX512
 #define AVX_TILE 4
 
 static inline float load_half(const uint8_t *p) {
@@ -235,8 +241,7 @@ int textgen_gguf_linear(
     int64_t k,
     int kind,
     int threads) {
-    const int64_t stride = block_bytes(type);
-    if (stride == 0 || k % BLOCK != 0 || (kind != KIND_F32 && kind != KIND_BF16)) return -1;
+    if (block_bytes(type) == 0 || k % BLOCK != 0 || (kind != KIND_F32 && kind != KIND_BF16)) return -1;
     if (m == 0 || n == 0) return 0;
     const int64_t blocks = k / BLOCK;
 
@@ -262,32 +267,33 @@ int textgen_gguf_linear(
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *w = malloc(sizeof(float) * k);
+#ifdef HAVE_AVX512
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            for (int64_t t = 0; t < m; t += AVX_TILE) {
+                const int count = m - t < AVX_TILE ? (int)(m - t) : AVX_TILE;
+                rows_avx512(weight, type, blocks, xf + t * k, k, count, r, r + 1,
+                            out + t * out_stride, out_stride);
+            }
+        }
+#else
+        float *w = malloc(sizeof(float) * k); /* one dequantized row, stays in L1 */
         failed = w == NULL;
         /* NOTE: every thread must reach the worksharing loop, even one without a buffer. */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
-#ifdef HAVE_AVX512
-            (void)w;
-            for (int64_t t = 0; t < m; t += AVX_TILE) {
-                const int count = m - t < AVX_TILE ? (int)(m - t) : AVX_TILE;
-                rows_avx512(weight, type, blocks, xf + t * k, k, count, r, r + 1, out + t * out_stride,
-                            out_stride);
+            if (w == NULL) continue;
+            dequantize_row(weight + r * blocks * block_bytes(type), type, blocks, w);
+            int64_t t = 0;
+            for (; t + TOKEN_TILE <= m; t += TOKEN_TILE) {
+                float sums[TOKEN_TILE];
+                dot4(w, xf + t * k, k, sums);
+                for (int i = 0; i < TOKEN_TILE; i++) out[(t + i) * out_stride + r] = sums[i];
             }
-#else
-            if (w != NULL) {
-                dequantize_row(weight + r * blocks * stride, type, blocks, w);
-                int64_t t = 0;
-                for (; t + TOKEN_TILE <= m; t += TOKEN_TILE) {
-                    float sums[TOKEN_TILE];
-                    dot4(w, xf + t * k, k, sums);
-                    for (int i = 0; i < TOKEN_TILE; i++) out[(t + i) * out_stride + r] = sums[i];
-                }
-                for (; t < m; t++) out[t * out_stride + r] = dot(w, xf + t * k, k);
-            }
-#endif
+            for (; t < m; t++) out[t * out_stride + r] = dot(w, xf + t * k, k);
         }
         free(w);
+#endif
     }
     if (kind == KIND_BF16) {
         for (int64_t t = 0; t < m; t++) {

@@ -17,22 +17,17 @@ from textgen.server.weights import GGUFBlocks, Weights
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(
-        self, weight: torch.Tensor, group: ParallelGroup, blocks: GGUFBlocks | None = None
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, group: ParallelGroup, name: str = "") -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [V_local, hidden]
         self.group = group
         self.vocab_start = group.rank * weight.shape[0]
-        # NOTE: lookups use `weight`; the GGUF blocks are kept for a head tied to it.
-        self.blocks = blocks
+        self.name = name  # the checkpoint tensor, for a head tied to it
 
     @classmethod
     def load(cls, weights: Weights, prefix: str) -> VocabParallelEmbedding:
         name = f"{prefix}.weight"
-        rows = weights.shard_range(name, 0)
-        blocks = weights.blocks(name, rows=rows)
-        return cls(weights.get_range(name, 0, *rows), weights.group, blocks)
+        return cls(weights.get_sharded(name, dim=0), weights.group, name)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.group.world_size == 1:
@@ -59,12 +54,11 @@ class ParallelLMHead(nn.Module):
         cls, weights: Weights, prefix: str, embedding: VocabParallelEmbedding, tied: bool
     ) -> ParallelLMHead:
         """Share the embedding's slice when the checkpoint ties the two."""
-        if tied or not weights.has(f"{prefix}.weight"):
-            return cls(embedding.weight.data, weights.group, embedding.blocks)
         name = f"{prefix}.weight"
-        rows = weights.shard_range(name, 0)
-        blocks = weights.blocks(name, rows=rows)
-        return cls(weights.get_range(name, 0, *rows), weights.group, blocks)
+        if tied or not weights.has(name):
+            blocks = _row_blocks(weights, embedding.name)
+            return cls(embedding.weight.data, weights.group, blocks)
+        return cls(weights.get_sharded(name, dim=0), weights.group, _row_blocks(weights, name))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if gguf.applies(hidden, self.blocks):
@@ -74,3 +68,8 @@ class ParallelLMHead(nn.Module):
         else:
             logits = nn.functional.linear(hidden, self.weight)  # [N, V_local]
         return self.group.all_gather(logits, dim=-1)  # [N, V]
+
+
+def _row_blocks(weights: Weights, name: str) -> GGUFBlocks | None:
+    """This rank's vocabulary rows of `name` as GGUF blocks, if the checkpoint keeps them."""
+    return weights.blocks(name, rows=weights.shard_range(name, 0)) if name else None
