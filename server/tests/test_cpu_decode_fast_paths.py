@@ -61,6 +61,11 @@ def test_decode_attention_matches_sdpa_over_the_paged_context(dtype, decode):
         (4, 4, 24, 5, [1, 11, 23]),  # no grouping, head_dim not a multiple of 16
         (8, 1, 64, 16, [16, 17, 90]),  # one KV head for all
         (6, 2, 128, 3, [2, 40]),
+        # the AVX-512 bf16 path's shapes: 1 to 4 query heads per KV head, D = 64 or 128
+        (9, 3, 64, 16, [1, 17, 200]),
+        (8, 2, 128, 5, [3, 64]),
+        (4, 1, 64, 4, [9, 31]),
+        (2, 2, 64, 16, [33]),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,6 +17,11 @@
  * `scratch` is float32 working space owned by the caller. Element types:
  * kind 0 = float32, kind 1 = bfloat16 (rounded to nearest even on the way out, as torch
  * does). Built by textgen.server.kernels at first use with the host compiler.
+ *
+ * With AVX-512, bf16 caches whose head_dim is a multiple of 64 and which have at most 4
+ * query heads per KV head take `decode_sequence_bf16`: per KV head and 64-dimension
+ * chunk, the group's query rows and output accumulators live in vector registers while
+ * the tokens stream by. Other shapes take the portable `decode_sequence`.
  */
 
 #include <math.h>
@@ -160,6 +165,112 @@ static void decode_sequence(
     }
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#define CHUNK 4 /* zmm vectors of 16 floats per row chunk: 64 dimensions */
+
+/* 16 bf16 at `src` widened to float32. */
+static inline __m512 load16_bf16(const uint16_t *src) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* decode_sequence for bf16 with head_dim a multiple of 64 and G query heads per KV head:
+ * the same three passes, with the G query rows (pass 1) and the G output rows (pass 3)
+ * of one 64-dimension chunk held in registers while the tokens stream by. G is a
+ * compile-time constant at each call site, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void decode_sequence_bf16(
+    const uint16_t *q, const uint16_t *key, const uint16_t *value, uint16_t *out,
+    const int64_t *table, int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads,
+    int64_t head_dim, int64_t block_size, int64_t block_stride, int64_t token_stride,
+    int64_t head_stride, float scale, const int G, float *scratch) {
+    float *scores = scratch; /* [Hq, context] */
+    const uint16_t *qs = q + seq * num_heads * head_dim;
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        for (int64_t t = 0; t < context; t++) /* zero: pass 1 adds chunk by chunk */
+            for (int g = 0; g < G; g++) scores[(h * G + g) * context + t] = 0.0f;
+        for (int64_t c = 0; c < head_dim; c += 16 * CHUNK) {
+            __m512 qv[8][CHUNK];
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < CHUNK; i++)
+                    qv[g][i] = load16_bf16(qs + (h * G + g) * head_dim + c + 16 * i);
+            for (int64_t t = 0; t < context; t++) {
+                const uint16_t *k = key + token_offset(table, t, block_size, block_stride,
+                                                       token_stride) + h * head_stride + c;
+                __m512 kv[CHUNK];
+                for (int i = 0; i < CHUNK; i++) kv[i] = load16_bf16(k + 16 * i);
+                for (int g = 0; g < G; g++) {
+                    __m512 sum = _mm512_mul_ps(qv[g][0], kv[0]);
+                    for (int i = 1; i < CHUNK; i++) sum = _mm512_fmadd_ps(qv[g][i], kv[i], sum);
+                    scores[(h * G + g) * context + t] += _mm512_reduce_add_ps(sum);
+                }
+            }
+        }
+    }
+    for (int64_t head = 0; head < num_heads; head++) {
+        float *sc = scores + head * context;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < context; t++) {
+            sc[t] *= scale;
+            top = sc[t] > top ? sc[t] : top;
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < context; t++) sc[t] = exp_nonpositive(sc[t] - top);
+        for (int64_t t = 0; t < context; t++) sum += sc[t];
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < context; t++) sc[t] *= inv;
+    }
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        for (int64_t c = 0; c < head_dim; c += 16 * CHUNK) {
+            __m512 acc[8][CHUNK];
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < CHUNK; i++) acc[g][i] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < context; t++) {
+                const uint16_t *v = value + token_offset(table, t, block_size, block_stride,
+                                                         token_stride) + h * head_stride + c;
+                __m512 vv[CHUNK];
+                for (int i = 0; i < CHUNK; i++) vv[i] = load16_bf16(v + 16 * i);
+                for (int g = 0; g < G; g++) {
+                    const __m512 p = _mm512_set1_ps(scores[(h * G + g) * context + t]);
+                    for (int i = 0; i < CHUNK; i++) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                uint16_t *o = out + (seq * num_heads + h * G + g) * head_dim + c;
+                for (int i = 0; i < CHUNK; i++) {
+                    float lanes[16];
+                    _mm512_storeu_ps(lanes, acc[g][i]);
+                    for (int j = 0; j < 16; j++) o[16 * i + j] = f32_to_bf16(lanes[j]);
+                }
+            }
+        }
+    }
+}
+
+/* The fast path's shapes: bf16, head_dim a multiple of 64, at most 4 query heads per KV
+ * head (so a chunk's accumulators fit the 32 vector registers). Returns 0 if it ran. */
+static int decode_sequence_fast(
+    const void *q, const void *key, const void *value, void *out, const int64_t *table,
+    int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
+    float scale, int kind, float *scratch) {
+    if (kind != 1 || head_dim % (16 * CHUNK)) return 1;
+#define FAST(G)                                                                               \
+    decode_sequence_bf16(q, key, value, out, table, context, seq, num_heads, num_kv_heads,   \
+                         head_dim, block_size, block_stride, token_stride, head_stride,     \
+                         scale, G, scratch)
+    switch (num_heads / num_kv_heads) {
+        case 1: FAST(1); return 0;
+        case 2: FAST(2); return 0;
+        case 3: FAST(3); return 0;
+        case 4: FAST(4); return 0;
+        default: return 1;
+    }
+#undef FAST
+}
+#endif
+
 /* Sequences are spread over `num_threads` OpenMP threads (the runtime torch already
  * loaded, so its thread team is reused); `scratch` holds num_threads * Hq *
  * (2 * D + max(context_lens)) floats. Returns 0, or 1 for shapes it does not take. */
@@ -180,9 +291,15 @@ int textgen_paged_decode(
         float *mine = scratch;
 #endif
         DENORMALS_OFF(csr);
-        decode_sequence(q, key, value, out, block_tables + b * table_stride, context_lens[b], b,
-                        num_heads, num_kv_heads, head_dim, block_size, block_stride,
-                        token_stride, head_stride, scale, kind, mine);
+        const int64_t *table = block_tables + b * table_stride;
+#ifdef HAVE_AVX512
+        if (decode_sequence_fast(q, key, value, out, table, context_lens[b], b, num_heads,
+                                 num_kv_heads, head_dim, block_size, block_stride, token_stride,
+                                 head_stride, scale, kind, mine) != 0)
+#endif
+            decode_sequence(q, key, value, out, table, context_lens[b], b, num_heads,
+                            num_kv_heads, head_dim, block_size, block_stride, token_stride,
+                            head_stride, scale, kind, mine);
         DENORMALS_RESTORE(csr);
     }
     return 0;
