@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.proto import generate_pb2
+from textgen.server import kernels
 from textgen.server.watermark import WatermarkParams, apply_watermark
 
 
@@ -110,11 +111,26 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     logits = apply_watermark(logits, watermarks, [r.token_ids[-1] for r in requests])
     if any(p.temperature != 1.0 for p in params):
         logits = logits / _column(params, "temperature", logits)  # [B, V]
-    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
-    next_ids = _choose(logits, requests)  # [B]
-    chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
-    top_ids, top_logprobs = _top_tokens(logprobs, [r.top_n_tokens for r in requests])
+    # NOTE: logprob = logit - logsumexp(row), so no [B, V] log_softmax is materialised.
+    argmax, lse = _row_stats(logits)  # [B], [B]
+    next_ids = _choose(logits, requests, argmax)  # [B]
+    chosen = logits.gather(1, next_ids.unsqueeze(1)).squeeze(1) - lse  # [B]
+    top_ids, top_logprobs = _top_tokens(logits, lse, [r.top_n_tokens for r in requests])
     return SamplingOutput(next_ids.tolist(), chosen.tolist(), top_ids, top_logprobs)
+
+
+def _row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax (first maximum) and log-sum-exp: [B] long, [B] float32."""
+    library = kernels.token_ops() if logits.device.type == "cpu" else None
+    if library is None or logits.dtype != torch.float32 or not logits.is_contiguous():
+        return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)
+    rows, cols = logits.shape
+    argmax = torch.empty(rows, dtype=torch.long)
+    lse = torch.empty(rows, dtype=torch.float32)
+    library.textgen_row_stats(
+        logits.data_ptr(), rows, cols, argmax.data_ptr(), lse.data_ptr(), torch.get_num_threads()
+    )
+    return argmax, lse
 
 
 def apply_logit_bias(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
@@ -212,8 +228,11 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return logits
 
 
-def _choose(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
-    next_ids = logits.argmax(dim=-1)  # [B]
+def _choose(
+    logits: torch.Tensor, requests: list[SamplingRequest], argmax: torch.Tensor
+) -> torch.Tensor:
+    """Greedy rows take `argmax`; do_sample rows draw from their warped distribution."""
+    next_ids = argmax.clone()  # [B]
     sampled = [i for i, r in enumerate(requests) if r.params.do_sample]
     if not sampled:
         return next_ids
@@ -275,12 +294,14 @@ _WARPERS = (
 
 
 def _top_tokens(
-    logprobs: torch.Tensor, counts: list[int]
+    logits: torch.Tensor, lse: torch.Tensor, counts: list[int]
 ) -> tuple[list[list[int]], list[list[float]]]:
+    """The n most likely tokens of each row and their logprobs (logits minus `lse`)."""
     max_n = max(counts, default=0)
     if max_n == 0:
         return [[] for _ in counts], [[] for _ in counts]
-    values, ids = logprobs.topk(min(max_n, logprobs.shape[-1]), dim=-1)  # [B, n]
+    values, ids = logits.topk(min(max_n, logits.shape[-1]), dim=-1)  # [B, n]
+    values = values - lse.unsqueeze(1)
     ids_list, values_list = ids.tolist(), values.tolist()
     return (
         [row[:n] for row, n in zip(ids_list, counts, strict=True)],

@@ -1,11 +1,11 @@
 """Small C kernels for the CPU shard, built once with the host's compiler and loaded by ctypes.
 
-Each kernel is a plain C file next to this module. The first shard to need one compiles
-it with `cc -O3 -march=native` into a cache folder keyed by the source, the compiler
-flags and the CPU, so later starts load the built library at once. No compiler, a failed
-build or TEXTGEN_NATIVE_KERNELS=0 leaves the loaders (`paged_attention()` and the rest)
-returning None, and the callers keep their torch path: the kernels are a speed-up, never
-a requirement.
+Each kernel is a plain C file next to this module (with shared headers beside it). The
+first shard to need one compiles it with `cc -O3 -march=native` into a cache folder
+keyed by the sources, the compiler flags and the CPU, so later starts load the built
+library at once. No compiler, a failed build or TEXTGEN_NATIVE_KERNELS=0 leaves the
+loaders (`paged_attention()` and the rest) returning None, and the callers keep their
+torch path: the kernels are a speed-up, never a requirement.
 
 Cache folder: $TEXTGEN_KERNEL_CACHE, else ~/.cache/textgen/kernels.
 """
@@ -63,6 +63,8 @@ def build(name: str) -> Path:
         raise RuntimeError(f"no C compiler: {wanted or 'cc or gcc'} not found")
     key = hashlib.sha256()
     key.update(source.read_bytes())
+    for header in sorted(_SOURCE_DIR.glob("*.h")):  # included by the sources
+        key.update(header.read_bytes())
     key.update(" ".join((compiler, *_FLAGS, platform.machine(), _cpu_flags())).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -124,7 +126,7 @@ def gguf_linear() -> ctypes.CDLL | None:
 
 @functools.cache
 def token_ops() -> ctypes.CDLL | None:
-    """RMSNorm and rotary embedding on bf16 rows, or None where they cannot be built here."""
+    """RMSNorm, rotary embedding and logits row statistics, or None if they cannot be built."""
     return _load(
         "token_ops",
         textgen_rms_norm=[
@@ -141,6 +143,12 @@ def token_ops() -> ctypes.CDLL | None:
             ctypes.c_void_p,  # k
             *[ctypes.c_int64] * 4,  # k row stride, k heads, tokens, head dim
             *[ctypes.c_void_p] * 3,  # positions, cos, sin
+        ],
+        textgen_row_stats=[
+            ctypes.c_void_p,  # logits
+            *[ctypes.c_int64] * 2,  # rows, cols
+            *[ctypes.c_void_p] * 2,  # argmax, lse
+            ctypes.c_int,  # threads
         ],
     )
 

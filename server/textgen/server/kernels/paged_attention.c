@@ -27,6 +27,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "vector_math.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -76,26 +78,6 @@ static inline float dot(const float *a, const float *b, int n) {
     float sum = 0.0f;
     for (int d = 0; d < n; d++) sum += a[d] * b[d];
     return sum;
-}
-
-/* exp(x) for x <= 0 (softmax after the max is taken), written so loops over it vectorize:
- * Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp), 0 below -87. */
-static inline float exp_nonpositive(float x) {
-    const float clamped = x < -87.0f ? -87.0f : x;
-    const float n = floorf(clamped * 1.44269504088896341f + 0.5f);
-    float r = clamped - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x < -87.0f ? 0.0f : p * scale;
 }
 
 /* Where token `t`'s row of KV head 0 starts: tokens lie block by block per the table. */
