@@ -192,3 +192,12 @@ def test_bf16_prefill_and_mixed_batches_attend_through_the_kernel_per_token():
     for row, (table, length) in enumerate(rows):
         expected = _reference(q[row], key, value, table, length)
         torch.testing.assert_close(out[row].double(), expected, atol=8e-3, rtol=8e-3)
+
+
+def test_native_rotary_refuses_positions_past_its_table():
+    config = RopeConfig(head_dim=8, theta=10000.0, max_position=16)
+    rotary = RotaryEmbedding(config, torch.bfloat16, torch.device("cpu"))
+    q, k = torch.zeros(1, 2, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 8, dtype=torch.bfloat16)
+    with pytest.raises(IndexError):
+        rotary(torch.tensor([16]), q, k)
+    rotary(torch.tensor([15]), q, k)  # the last position is fine

@@ -42,6 +42,11 @@ _FLAGS = (
 )
 
 
+# Steps of up to this many tokens run RMSNorm and the rotary embedding through token_ops
+# (per-token loops on one thread; torch's ops are faster on larger steps).
+TOKEN_OPS_MAX_TOKENS = 64
+
+
 def enabled() -> bool:
     return os.environ.get("TEXTGEN_NATIVE_KERNELS", "1") != "0"
 
@@ -143,6 +148,7 @@ def token_ops() -> ctypes.CDLL | None:
             ctypes.c_void_p,  # k
             *[ctypes.c_int64] * 4,  # k row stride, k heads, tokens, head dim
             *[ctypes.c_void_p] * 3,  # positions, cos, sin
+            ctypes.c_int64,  # positions in the tables
         ],
         textgen_row_stats=[
             ctypes.c_void_p,  # logits

@@ -77,9 +77,13 @@ static void rotate(uint16_t *x, int64_t token_stride, int64_t tokens, int64_t he
     }
 }
 
+/* Returns -1, having rotated nothing, if a position is outside the [num_positions, D]
+ * tables. */
 int textgen_rotary(uint16_t *q, int64_t q_stride, int64_t q_heads, uint16_t *k, int64_t k_stride,
                    int64_t k_heads, int64_t tokens, int64_t dim, const int64_t *positions,
-                   const float *cos, const float *sin) {
+                   const float *cos, const float *sin, int64_t num_positions) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (positions[t] < 0 || positions[t] >= num_positions) return -1;
     rotate(q, q_stride, tokens, q_heads, dim, positions, cos, sin);
     rotate(k, k_stride, tokens, k_heads, dim, positions, cos, sin);
     return 0;

@@ -12,9 +12,6 @@ from torch import nn
 from textgen.server import kernels
 from textgen.server.weights import Weights
 
-# Steps of up to this many tokens use the native call (single-threaded, per-token loop).
-NATIVE_MAX_TOKENS = 64
-
 
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
@@ -47,7 +44,7 @@ class RMSNorm(nn.Module):
 def _native_applies(x: torch.Tensor) -> bool:
     return (
         x.dim() == 2
-        and x.shape[0] <= NATIVE_MAX_TOKENS
+        and x.shape[0] <= kernels.TOKEN_OPS_MAX_TOKENS
         and x.dtype == torch.bfloat16
         and x.stride(1) == 1
     )

@@ -15,9 +15,6 @@ from torch import nn
 
 from textgen.server import kernels
 
-# Steps of up to this many tokens use the native call (single-threaded, per-token loop).
-NATIVE_MAX_TOKENS = 64
-
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -77,12 +74,14 @@ class RotaryEmbedding(nn.Module):
         NOTE: the native path rotates q and k in place and returns them.
         """
         if self.native is not None and _native_layout(q, k, positions):
-            self.native.textgen_rotary(
+            status = self.native.textgen_rotary(
                 q.data_ptr(), q.stride(0), q.shape[1],
                 k.data_ptr(), k.stride(0), k.shape[1],
                 q.shape[0], q.shape[2], positions.data_ptr(),
-                self.cos32.data_ptr(), self.sin32.data_ptr(),
+                self.cos32.data_ptr(), self.sin32.data_ptr(), self.cos32.shape[0],
             )  # fmt: skip
+            if status != 0:
+                raise IndexError(f"a position is past the rotary table ({self.cos32.shape[0]})")
             return q, k
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
@@ -93,7 +92,7 @@ def _native_layout(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) ->
     """Small steps whose heads are contiguous rows of D (views of one fused qkv are)."""
     d = q.shape[2]
     return (
-        q.shape[0] <= NATIVE_MAX_TOKENS
+        q.shape[0] <= kernels.TOKEN_OPS_MAX_TOKENS
         and q.dtype == k.dtype == torch.bfloat16
         and q.stride()[1:] == (d, 1)
         and k.stride()[1:] == (d, 1)
