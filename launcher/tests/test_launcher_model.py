@@ -88,6 +88,20 @@ def test_gguf_blocks_that_do_not_match_a_weight_are_dropped(tmp_path: Path) -> N
     assert len(kept) == 30 * 7
 
 
+def test_a_failure_to_keep_gguf_blocks_does_not_fail_the_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*args) -> None:
+        raise RuntimeError("an architecture the block mapping does not know")
+
+    monkeypatch.setattr(model_mod, "_write_gguf_blocks", explode)
+    out = tmp_path / "converted"
+    out.mkdir()
+    model_mod._write_gguf_as_safetensors(default_gguf_path(), out)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (out / model_mod.GGUF_BLOCKS_FILE).exists()
+
+
 def test_default_model_is_converted_once(default_model_dir: Path, model_cache: Path) -> None:
     mtime = (default_model_dir / "model.safetensors").stat().st_mtime_ns
     start = time.monotonic()

@@ -288,7 +288,8 @@ async def test_prompts_whose_logprobs_are_wanted_are_not_chunked():
     h.close()
 
 
-async def test_a_request_cancelled_between_chunks_frees_its_blocks():
+async def first_chunk_beside_a_decode() -> tuple[Harness, Entry, Entry]:
+    """Request 1 decoding, request 2's first 4-token chunk computed; every step gated."""
     h = Harness({"a": "a" * 30, "z": "zz"}, gated=True)
     chunking(h, chunk_tokens=4)
     h.shard.gate_mixed = True
@@ -298,6 +299,11 @@ async def test_a_request_cancelled_between_chunks_frees_its_blocks():
     await h.settle()
     h.queue.append(long)
     await step_until_chunk(h, (2, 0, 4))
+    return h, first, long
+
+
+async def test_a_request_cancelled_between_chunks_frees_its_blocks():
+    h, first, long = await first_chunk_beside_a_decode()
     long.cancel()
     h.steps(3)
     await h.settle()
@@ -309,15 +315,7 @@ async def test_a_request_cancelled_between_chunks_frees_its_blocks():
 
 
 async def test_a_failed_chunk_step_fails_the_chunked_request_too():
-    h = Harness({"a": "a" * 30, "z": "zz"}, gated=True)
-    chunking(h, chunk_tokens=4)
-    h.shard.gate_mixed = True
-    first, long = make_entry(1, "a"), make_entry(2, "z" * 10)
-    h.queue.append(first)
-    h.steps(1)
-    await h.settle()
-    h.queue.append(long)
-    await step_until_chunk(h, (2, 0, 4))
+    h, first, long = await first_chunk_beside_a_decode()
     h.shard.fail_next_mixed = True
     h.steps(1)
     for entry in (first, long):

@@ -48,28 +48,13 @@
 
 #define MAX_HEAD_DIM 512
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 /* Row `src` of `n` elements of the given kind, widened into `dst`. */
 static inline void load_row(float *dst, const void *src, int64_t offset, int n, int kind) {
     if (kind == 0) {
         memcpy(dst, (const float *)src + offset, (size_t)n * sizeof(float));
     } else {
         const uint16_t *row = (const uint16_t *)src + offset;
-        for (int d = 0; d < n; d++) dst[d] = bf16_to_f32(row[d]);
+        for (int d = 0; d < n; d++) dst[d] = bf16_to_float(row[d]);
     }
 }
 
@@ -143,7 +128,7 @@ static void decode_sequence(
     const int64_t at = seq * num_heads * head_dim;
     for (int64_t i = 0; i < num_heads * head_dim; i++) {
         if (kind == 0) ((float *)out)[at + i] = acc[i];
-        else ((uint16_t *)out)[at + i] = f32_to_bf16(acc[i]);
+        else ((uint16_t *)out)[at + i] = float_to_bf16(acc[i]);
     }
 }
 
@@ -223,7 +208,7 @@ static inline __attribute__((always_inline)) void decode_sequence_bf16(
                 for (int i = 0; i < CHUNK; i++) {
                     float lanes[16];
                     _mm512_storeu_ps(lanes, acc[g][i]);
-                    for (int j = 0; j < 16; j++) o[16 * i + j] = f32_to_bf16(lanes[j]);
+                    for (int j = 0; j < 16; j++) o[16 * i + j] = float_to_bf16(lanes[j]);
                 }
             }
         }

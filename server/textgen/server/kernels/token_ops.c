@@ -17,21 +17,6 @@
 #include <immintrin.h>
 #endif
 
-static float bf16_to_float(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
-}
-
-static uint16_t float_to_bf16(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* nan */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 static float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
 /* out[t] = weight * bf16(x[t] / sqrt(mean(x[t]^2) + eps)), as transformers' LlamaRMSNorm:

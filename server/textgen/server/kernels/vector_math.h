@@ -1,10 +1,27 @@
-/* Vectorizable float math shared by the kernels (included, so each library inlines it). */
+/* Float helpers shared by the kernels (included, so each library inlines them): bf16
+ * conversions and a vectorizable exp. */
 #ifndef TEXTGEN_VECTOR_MATH_H
 #define TEXTGEN_VECTOR_MATH_H
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* Rounded to nearest even, as torch rounds; NaN stays NaN. */
+static inline uint16_t float_to_bf16(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
 
 /* exp(x) for x <= 0 (softmax after the max is taken), written so loops over it vectorize:
  * Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp), 0 below -87. */
