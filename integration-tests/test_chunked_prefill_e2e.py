@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 CHUNK_TOKENS = 8
 NEW_TOKENS = 16
+LONG_TOKENS = 200
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
     "<|im_start|>user\nName three primary colors and explain why they are called primary."
@@ -46,23 +47,24 @@ def test_chunked_prompts_beside_a_decoding_request_match_transformers(
 ):
     reference = greedy_continuations(model_dir, PROMPTS, NEW_TOKENS)
 
-    async def run() -> tuple[list[dict], dict]:
-        async with httpx.AsyncClient(base_url=chunked_launcher.url, timeout=300) as client:
-            long = asyncio.create_task(
-                client.post(
-                    "/generate", json=body("Count to one hundred:", 200, ignore_eos_token=True)
-                )
-            )
-            await asyncio.sleep(1.0)  # the long request is decoding by now
+    async def run() -> tuple[list[dict], int]:
+        long = body("Count to one hundred:", LONG_TOKENS, ignore_eos_token=True)
+        async with (
+            httpx.AsyncClient(base_url=chunked_launcher.url, timeout=300) as client,
+            client.stream("POST", "/generate_stream", json=long) as stream,
+        ):
+            events = (line async for line in stream.aiter_lines() if line.startswith("data:"))
+            await anext(events)  # its first token: the long request is decoding from now on
             replies = await asyncio.gather(
                 *(client.post("/generate", json=body(p)) for p in PROMPTS),
                 # Prefill logprobs need the prompt in one piece: never chunked.
                 client.post("/generate", json=body(PROMPTS[0], decoder_input_details=True)),
             )
-            return [r.json() for r in replies], (await long).json()
+            long_tokens = 1 + sum([1 async for _ in events])
+        return [r.json() for r in replies], long_tokens
 
-    replies, long = asyncio.run(run())
-    assert long["details"]["generated_tokens"] == 200
+    replies, long_tokens = asyncio.run(run())
+    assert long_tokens == LONG_TOKENS
     for reply, expected, prompt in zip(replies, reference, PROMPTS, strict=False):
         assert [t["id"] for t in reply["details"]["tokens"]] == expected, prompt
     whole = replies[-1]["details"]

@@ -288,6 +288,26 @@ async def test_prompts_whose_logprobs_are_wanted_are_not_chunked():
     h.close()
 
 
+async def test_a_prompt_that_cannot_be_chunked_goes_whole_beside_decodes():
+    """Not starved behind a running batch that never drains: one mixed step of its own."""
+    h = Harness({"a": "a" * 30, "z": "zz"}, gated=True)
+    chunking(h, chunk_tokens=4)
+    first = make_entry(1, "a")
+    h.queue.append(first)
+    h.steps(1)
+    await h.settle()
+    details = make_entry(2, "z" * 10)
+    details.request = dataclasses.replace(details.request, decoder_input_details=True)
+    h.queue.append(details)
+    h.steps(2)
+    await h.settle()
+    assert (2, 0, 10) in h.shard.chunks
+    assert ("mixed", (1, 2)) in h.shard.calls and not first.finished
+    h.steps(40)
+    assert await h.result(details) == "zz"
+    h.close()
+
+
 async def first_chunk_beside_a_decode() -> tuple[Harness, Entry, Entry]:
     """Request 1 decoding, request 2's first 4-token chunk computed; every step gated."""
     h = Harness({"a": "a" * 30, "z": "zz"}, gated=True)

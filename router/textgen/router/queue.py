@@ -22,6 +22,9 @@ class Budget:
     """Prompt tokens the prefill may compute."""
     total_tokens: int | None
     """KV tokens (prompt + max_new_tokens) the new requests may reserve; None: no limit."""
+    whole_prompt_tokens: int | None = None
+    """With chunking: a prompt that cannot be chunked and exceeds `prefill_tokens` still
+    goes whole, alone, up to this many tokens (else it would wait for every decode)."""
 
 
 class Queue:
@@ -48,7 +51,8 @@ class Queue:
         First come, first served: the head of the queue is never overtaken, so a
         large request cannot be starved by a stream of small ones. `chunked`: the
         first prompt that does not fit the prefill budget is taken too (all of its
-        blocks reserved) when it can be prefilled in chunks; it goes last.
+        blocks reserved) when it can be prefilled in chunks, or whole and alone when
+        it cannot (`whole_prompt_tokens`); either way it goes last.
         """
         self._drop_cancelled()
         batch: list[Entry] = []
@@ -58,8 +62,10 @@ class Queue:
             if budget.max_size is not None and len(batch) >= budget.max_size:
                 break
             partial = prefill_tokens + request.input_len > budget.prefill_tokens
-            if partial and not (chunked and _chunkable(entry)):
-                break
+            if partial and not (chunked and chunkable(entry)):
+                alone = not batch and chunked and budget.whole_prompt_tokens is not None
+                if not (alone and request.input_len <= budget.whole_prompt_tokens):
+                    break
             if budget.total_tokens is not None and (
                 total_tokens + request.max_total_tokens > budget.total_tokens
             ):
@@ -98,6 +104,6 @@ class Queue:
             self._not_empty.clear()
 
 
-def _chunkable(entry: Entry) -> bool:
+def chunkable(entry: Entry) -> bool:
     """A prompt may be prefilled in chunks unless its per-token logprobs are wanted."""
     return not entry.request.decoder_input_details

@@ -26,7 +26,9 @@ whole prompt. A prompt that does not fit the step's budget is admitted with the
 part that does (its KV blocks reserved whole) and continues in the next steps,
 ahead of any newcomer, until its last chunk yields its first token. With no
 request decoding the budget is `max_batch_prefill_tokens`, and the last prompt
-that does not fit is chunked too, so a step fills its budget.
+that does not fit is chunked too, so a step fills its budget. A prompt that
+cannot be chunked (its prompt logprobs are wanted) goes whole, in a step of its
+own, rather than wait for every decode to end.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from textgen.router.allocator import BlockAllocator
 from textgen.router.client import ShardClient, StepResult
 from textgen.router.errors import GenerationError
 from textgen.router.grammar import GrammarCompiler
-from textgen.router.queue import Budget, Queue
+from textgen.router.queue import Budget, Queue, chunkable
 from textgen.router.request import Entry, Token
 from textgen.router.telemetry import RouterMetrics
 from textgen.router.tracing import RouterTracing
@@ -168,7 +170,8 @@ class Scheduler:
             budget = dataclasses.replace(budget, prefill_tokens=tokens)
             newcomers = self._queue.next_batch(budget, chunked) or []
             for entry in newcomers:
-                entry.chunk = min(entry.request.input_len, tokens)
+                whole = entry.request.input_len
+                entry.chunk = min(whole, tokens) if chunkable(entry) else whole
                 tokens -= entry.chunk
         return continued + newcomers, newcomers
 
@@ -195,7 +198,8 @@ class Scheduler:
         prefill_tokens = config.max_batch_prefill_tokens
         if config.prefill_chunk_tokens is not None:
             prefill_tokens = min(prefill_tokens, config.prefill_chunk_tokens)
-        return Budget(min_size, max_size, prefill_tokens, total)
+        whole = config.max_batch_prefill_tokens
+        return Budget(min_size, max_size, prefill_tokens, total, whole_prompt_tokens=whole)
 
     async def _prefill(
         self,
