@@ -1,4 +1,4 @@
-/* Per-token bf16 operations of a decoder layer, each in one call.
+/* Per-token operations of a decoder layer and the sampler, each in one call.
  *
  * At a few tokens per step, RMSNorm and the rotary embedding cost more in torch's
  * per-op dispatch (8 to 12 small ops each, about 20 and 40 us per layer) than in

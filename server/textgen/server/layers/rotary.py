@@ -61,10 +61,11 @@ class RotaryEmbedding(nn.Module):
         # NOTE: computed in float32 and cast once, matching transformers' rounding.
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
-        native = dtype == torch.bfloat16 and device.type == "cpu" and kernels.token_ops()
+        native = dtype == torch.bfloat16 and device.type == "cpu"
         self.native = kernels.token_ops() if native else None
-        self.cos32 = emb.cos() if native else None  # [P, D] float32, for the native call
-        self.sin32 = emb.sin() if native else None
+        has_native = self.native is not None
+        self.cos32 = emb.cos() if has_native else None  # [P, D] float32, for the native call
+        self.sin32 = emb.sin() if has_native else None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
