@@ -22,7 +22,7 @@ WORLD_SIZE = 2
 
 # Each rank loads its slices of the checkpoint, runs one prefill and saves its logits.
 WORKER = """
-import sys, torch
+import sys, torch, weakref
 from textgen.server.distributed import ParallelGroup
 from textgen.server.model_runner import ModelRunner, SequenceInput
 model_dir, rank, world_size, port, out = sys.argv[1:]
@@ -37,7 +37,9 @@ heads = (shape.num_heads, shape.num_kv_heads)
 torch.save({"prefill": logits, "decode": step, "heads": heads}, out)
 # NOTE: a rank that leaves while its peer still talks to it aborts the peer.
 torch.distributed.barrier()
+released = weakref.ref(group._group)
 group.shutdown()
+assert released() is None, "the process group outlives shutdown()"
 """
 
 # (config overrides, (query heads, KV heads) of rank 0 and rank 1)

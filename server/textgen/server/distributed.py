@@ -57,5 +57,11 @@ class ParallelGroup:
         return torch.cat(parts, dim=dim)
 
     def shutdown(self) -> None:
+        """Leave the process group and release it while the interpreter is whole.
+
+        The group object is dropped here, not at interpreter exit: destroying
+        gloo's threads and store during finalization can abort the process.
+        """
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        self._group = None
