@@ -10,6 +10,7 @@ from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
 from textgen.server.attention.cpu import CpuAttention, _decode, _native_decode
 from textgen.server.kv_cache import LayerCache
+from textgen.server.layers.activation import GatedActivation
 from textgen.server.layers.norm import RMSNorm
 from textgen.server.layers.packed import pack, packed_linear
 from textgen.server.layers.rotary import RopeConfig, RotaryEmbedding
@@ -115,7 +116,7 @@ def test_float32_weights_stay_unpacked(monkeypatch):
     assert pack(torch.randn(8, 8, dtype=torch.bfloat16)) is None
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 64])
+@pytest.mark.parametrize("tokens", [1, 3, 64, 300])  # 300: spread over the OpenMP team
 def test_native_rms_norm_rounds_like_the_torch_path(tokens):
     torch.manual_seed(tokens)
     norm = RMSNorm((torch.rand(40) + 0.5).to(torch.bfloat16), eps=1e-5)
@@ -130,7 +131,7 @@ def test_native_rms_norm_rounds_like_the_torch_path(tokens):
     assert (out != expected).float().mean() < 0.01
 
 
-@pytest.mark.parametrize(("tokens", "hq", "hkv"), [(1, 9, 3), (5, 4, 4), (64, 8, 1)])
+@pytest.mark.parametrize(("tokens", "hq", "hkv"), [(1, 9, 3), (5, 4, 4), (64, 8, 1), (300, 3, 1)])
 def test_native_rotary_matches_the_torch_path(tokens, hq, hkv):
     torch.manual_seed(hq)
     d = 24
@@ -153,6 +154,23 @@ def test_native_rotary_matches_the_torch_path(tokens, hq, hkv):
     assert q_native.data_ptr() == qkv.data_ptr()
     for out, want in zip((q_native, k_native), expected, strict=True):
         torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-5)
+
+
+@pytest.mark.parametrize(("tokens", "inter"), [(1, 1536), (7, 65), (300, 129)])
+def test_native_silu_and_mul_rounds_like_the_torch_path(tokens, inter):
+    torch.manual_seed(inter)
+    act = GatedActivation("silu", torch.bfloat16, torch.device("cpu"))
+    assert act.native is not None, "the C kernel must build here (a compiler is on PATH)"
+    wide = (torch.randn(tokens, 2 * inter + 8) * 4).to(torch.bfloat16)
+    wide[0, :4] = torch.tensor([0.0, -0.0, 30.0, -100.0])  # zeros, saturation, underflow
+    gate_up = wide[:, 8:]  # rows 2 * inter + 8 elements apart
+    out = act(gate_up)
+    gate, up = gate_up.split(inter, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    # Same roundings; only the exp may differ in its last float32 bit.
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=0.0)
+    assert (out != expected).float().mean() < 1e-3
+    torch.testing.assert_close(act(gate_up.float()), expected.float(), rtol=2**-7, atol=1e-6)
 
 
 def test_bf16_prefill_and_mixed_batches_attend_through_the_kernel_per_token():

@@ -42,11 +42,6 @@ _FLAGS = (
 )
 
 
-# Steps of up to this many tokens run RMSNorm and the rotary embedding through token_ops
-# (per-token loops on one thread; torch's ops are faster on larger steps).
-TOKEN_OPS_MAX_TOKENS = 64
-
-
 def enabled() -> bool:
     return os.environ.get("TEXTGEN_NATIVE_KERNELS", "1") != "0"
 
@@ -131,7 +126,7 @@ def gguf_linear() -> ctypes.CDLL | None:
 
 @functools.cache
 def token_ops() -> ctypes.CDLL | None:
-    """RMSNorm, rotary embedding and logits row statistics, or None if they cannot be built."""
+    """RMSNorm, rotary embedding, SiLU-and-multiply and logits row statistics, or None."""
     return _load(
         "token_ops",
         textgen_rms_norm=[
@@ -141,6 +136,7 @@ def token_ops() -> ctypes.CDLL | None:
             ctypes.c_void_p,  # out
             *[ctypes.c_int64] * 2,  # tokens, hidden
             ctypes.c_float,  # eps
+            ctypes.c_int,  # threads
         ],
         textgen_rotary=[
             ctypes.c_void_p,  # q
@@ -149,6 +145,13 @@ def token_ops() -> ctypes.CDLL | None:
             *[ctypes.c_int64] * 4,  # k row stride, k heads, tokens, head dim
             *[ctypes.c_void_p] * 3,  # positions, cos, sin
             ctypes.c_int64,  # positions in the tables
+            ctypes.c_int,  # threads
+        ],
+        textgen_silu_and_mul=[
+            *[ctypes.c_void_p, ctypes.c_int64],  # gate and up rows, their stride
+            ctypes.c_void_p,  # out
+            *[ctypes.c_int64] * 2,  # tokens, intermediate size
+            ctypes.c_int,  # threads
         ],
         textgen_row_stats=[
             ctypes.c_void_p,  # logits

@@ -2,10 +2,12 @@
  *
  * At a few tokens per step, RMSNorm and the rotary embedding cost more in torch's
  * per-op dispatch (8 to 12 small ops each, about 20 and 40 us per layer) than in
- * arithmetic. These loops do the same work in one pass, in float32, rounding to bf16
- * where the torch path rounds. `textgen_row_stats` gives the sampler each row's argmax
- * and log-sum-exp in two passes over the logits, where log_softmax and argmax took four
- * (5.3 ms at 64 rows of 49152).
+ * arithmetic; at a prefill's thousands of tokens, torch's passes over memory (five for
+ * RMSNorm, three for SiLU-and-multiply) cost more than one. These loops do the same work
+ * in one pass, in float32, rounding to bf16 where the torch path rounds, spread over
+ * `threads` OpenMP threads when a step has enough tokens to pay for the team.
+ * `textgen_row_stats` gives the sampler each row's argmax and log-sum-exp in two passes
+ * over the logits, where log_softmax and argmax took four (5.3 ms at 64 rows of 49152).
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,10 +21,14 @@
 
 static float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
+/* Below this many tokens a step runs on the calling thread: waking the team costs more. */
+#define PARALLEL_MIN_TOKENS 32
+
 /* out[t] = weight * bf16(x[t] / sqrt(mean(x[t]^2) + eps)), as transformers' LlamaRMSNorm:
  * the variance in float32, the normalised row rounded to bf16, then the weight applied. */
 int textgen_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
-                     int64_t tokens, int64_t hidden, float eps) {
+                     int64_t tokens, int64_t hidden, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens >= PARALLEL_MIN_TOKENS)
     for (int64_t t = 0; t < tokens; t++) {
         const uint16_t *row = x + t * x_stride;
         float sum = 0.0f;
@@ -46,8 +52,9 @@ int textgen_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight
  * x is [T, heads, D] with rows `token_stride` elements apart and heads D apart; cos and
  * sin are float32 [positions, D] tables. */
 static void rotate(uint16_t *x, int64_t token_stride, int64_t tokens, int64_t heads, int64_t dim,
-                   const int64_t *positions, const float *cos, const float *sin) {
+                   const int64_t *positions, const float *cos, const float *sin, int threads) {
     const int64_t half = dim / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens >= PARALLEL_MIN_TOKENS)
     for (int64_t t = 0; t < tokens; t++) {
         const float *c = cos + positions[t] * dim;
         const float *s = sin + positions[t] * dim;
@@ -66,11 +73,32 @@ static void rotate(uint16_t *x, int64_t token_stride, int64_t tokens, int64_t he
  * tables. */
 int textgen_rotary(uint16_t *q, int64_t q_stride, int64_t q_heads, uint16_t *k, int64_t k_stride,
                    int64_t k_heads, int64_t tokens, int64_t dim, const int64_t *positions,
-                   const float *cos, const float *sin, int64_t num_positions) {
+                   const float *cos, const float *sin, int64_t num_positions, int threads) {
     for (int64_t t = 0; t < tokens; t++)
         if (positions[t] < 0 || positions[t] >= num_positions) return -1;
-    rotate(q, q_stride, tokens, q_heads, dim, positions, cos, sin);
-    rotate(k, k_stride, tokens, k_heads, dim, positions, cos, sin);
+    rotate(q, q_stride, tokens, q_heads, dim, positions, cos, sin, threads);
+    rotate(k, k_stride, tokens, k_heads, dim, positions, cos, sin, threads);
+    return 0;
+}
+
+/* out[t] = bf16(silu(gate[t])) * up[t], rounded as torch rounds `silu(gate) * up` in bf16.
+ * Each row of x holds gate then up, `inter` elements each, one fused projection's output;
+ * out is [T, inter]. silu(g) = g / (1 + exp(-g)), through exp(-|g|) so that the exp only
+ * sees arguments <= 0. */
+int textgen_silu_and_mul(const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t tokens,
+                         int64_t inter, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens >= PARALLEL_MIN_TOKENS)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *gate = x + t * x_stride;
+        const uint16_t *up = gate + inter;
+        uint16_t *dst = out + t * inter;
+        for (int64_t i = 0; i < inter; i++) {
+            const float g = bf16_to_float(gate[i]);
+            const float e = exp_nonpositive(-fabsf(g));
+            const float silu = g >= 0.0f ? g / (1.0f + e) : g * e / (1.0f + e);
+            dst[i] = float_to_bf16(round_bf16(silu) * bf16_to_float(up[i]));
+        }
+    }
     return 0;
 }
 

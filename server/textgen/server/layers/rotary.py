@@ -1,7 +1,7 @@
 """Rotary position embedding (RoPE) with a precomputed cos/sin table.
 
 Supported `rope_type`s: "default" and "llama3" (Llama 3.1 frequency scaling).
-Small bf16 steps on CPU rotate q and k in place with one native call
+In bf16 on CPU, q and k are rotated in place with one native call
 (kernels/token_ops.c) on float32 tables, instead of a dozen torch ops.
 """
 
@@ -80,6 +80,7 @@ class RotaryEmbedding(nn.Module):
                 k.data_ptr(), k.stride(0), k.shape[1],
                 q.shape[0], q.shape[2], positions.data_ptr(),
                 self.cos32.data_ptr(), self.sin32.data_ptr(), self.cos32.shape[0],
+                torch.get_num_threads(),
             )  # fmt: skip
             if status != 0:
                 raise IndexError(f"a position is past the rotary table ({self.cos32.shape[0]})")
@@ -90,11 +91,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def _native_layout(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> bool:
-    """Small steps whose heads are contiguous rows of D (views of one fused qkv are)."""
+    """Heads that are contiguous rows of D (views of one fused qkv are)."""
     d = q.shape[2]
     return (
-        q.shape[0] <= kernels.TOKEN_OPS_MAX_TOKENS
-        and q.dtype == k.dtype == torch.bfloat16
+        q.dtype == k.dtype == torch.bfloat16
         and q.stride()[1:] == (d, 1)
         and k.stride()[1:] == (d, 1)
         and positions.dtype == torch.int64

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from textgen.server.attention import AttentionBackend, AttentionMetadata
 from textgen.server.kv_cache import KVCache, KVCacheSpec, LayerCache
 from textgen.server.layers import (
     ColumnParallelLinear,
+    GatedActivation,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
@@ -120,11 +120,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear.load(
             weights, f"{prefix}.down_proj", bias=bias, columns=local
         )
-        self.act = ACT2FN[config.hidden_act]
+        self.act = GatedActivation(config.hidden_act, weights.dtype, weights.device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)  # [T, I_local] each
-        return self.down_proj(self.act(gate) * up)  # [T, hidden]
+        gate_up = self.gate_up_proj(hidden)  # [T, 2 * I_local]
+        return self.down_proj(self.act(gate_up))  # [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
