@@ -111,6 +111,46 @@ def test_default_model_is_converted_once(default_model_dir: Path, model_cache: P
     assert not [p for p in default_model_dir.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_reinstalled_gguf_reuses_the_conversion(
+    default_model_dir: Path, model_cache: Path, tmp_path: Path
+) -> None:
+    """A byte-identical copy with another mtime (a fresh venv's install) is not converted again."""
+    copy = tmp_path / default_gguf_path().name
+    copy.write_bytes(default_gguf_path().read_bytes())
+    os.utime(copy, ns=(1_000_000_000, 1_000_000_000))
+    assert resolve_model(str(copy), cache_dir=model_cache) == default_model_dir
+
+
+def test_gguf_conversions_are_keyed_by_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same bytes share one conversion; other bytes under the same name, size and mtime get
+    their own; the contents are hashed once per path, size and mtime."""
+    conversions: list[Path] = []
+
+    def fake_write(gguf_path: Path, out: Path) -> None:
+        conversions.append(gguf_path)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(gguf_path.read_bytes())
+
+    monkeypatch.setattr(model_mod, "_write_gguf_as_safetensors", fake_write)
+    hashed: list[Path] = []
+    content_key = model_mod._content_key
+    monkeypatch.setattr(model_mod, "_content_key", lambda p: hashed.append(p) or content_key(p))
+    cache = tmp_path / "cache"
+    paths = {}
+    for name, data, mtime in [("a", b"one", 1), ("b", b"one", 2), ("c", b"two", 1)]:
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "m.gguf"
+        paths[name].write_bytes(data)
+        os.utime(paths[name], ns=(mtime * 10**9, mtime * 10**9))
+    a, b, c = (model_mod.convert_gguf(paths[n], cache) for n in "abc")
+    assert a == b != c
+    assert conversions == [paths["a"], paths["c"]]
+    assert model_mod.convert_gguf(paths["b"], cache) == a
+    assert hashed == [paths["a"], paths["b"], paths["c"]]  # the last call read the pointer
+
+
 def test_gguf_path_shares_the_conversion(default_model_dir: Path, model_cache: Path) -> None:
     # Same file, same cache key: the explicit path reuses the default's conversion.
     assert resolve_model(str(default_gguf_path()), cache_dir=model_cache) == default_model_dir

@@ -187,8 +187,19 @@ def _snapshot_download(model_id: str, revision: str | None, patterns: list[str])
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
-    """Convert a GGUF file once into `cache_dir`, keyed by its name, size and mtime."""
-    key = _digest([_file_key(gguf_path), GGUF_CONVERSION_VERSION])
+    """Convert a GGUF file once into `cache_dir`, keyed by its contents.
+
+    A reinstalled copy of the same file (a fresh virtual environment, a new mtime) reuses
+    the conversion. The contents are hashed once per path, size and mtime: a pointer file
+    under `gguf-index/` keeps the result for later starts.
+    """
+    where = str(gguf_path.resolve())
+    pointer_name = _digest([where, _file_key(gguf_path), GGUF_CONVERSION_VERSION])
+    pointer = cache_dir / "gguf-index" / pointer_name
+    key = pointer.read_text().strip() if pointer.is_file() else ""
+    if not key:
+        key = _digest([_content_key(gguf_path), GGUF_CONVERSION_VERSION])
+        _write_atomically(pointer, key)
     target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}"
     return _convert_once(target, lambda out: _write_gguf_as_safetensors(gguf_path, out))
 
@@ -203,6 +214,24 @@ def convert_bin_dir(model_dir: Path, cache_dir: Path) -> Path:
 def _file_key(path: Path) -> str:
     stat = path.stat()
     return _digest([path.name, str(stat.st_size), str(stat.st_mtime_ns)])
+
+
+def _content_key(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` under a temporary name and rename it: readers never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _digest(parts: list[str]) -> str:
