@@ -149,6 +149,9 @@ def test_gguf_conversions_are_keyed_by_contents(
     assert conversions == [paths["a"], paths["c"]]
     assert model_mod.convert_gguf(paths["b"], cache) == a
     assert hashed == [paths["a"], paths["b"], paths["c"]]  # the last call read the pointer
+    pointers = list((cache / "gguf-index").iterdir())
+    assert len(pointers) == 3
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in pointers)  # a shared cache
 
 
 def test_gguf_path_shares_the_conversion(default_model_dir: Path, model_cache: Path) -> None:
