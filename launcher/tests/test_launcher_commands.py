@@ -113,3 +113,16 @@ def test_console_script_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     argv = console_script("textgen-router", "textgen.router.main")
     assert argv[:2] == [str(tmp_path / "python"), "-c"]
     assert "from textgen.router.main import main" in argv[2]
+
+
+def test_int8_activations_reach_the_shards_config() -> None:
+    from textgen.server.cli import build_parser, config_from_args
+
+    def shard_config(argv: list[str]):
+        return config_from_args(build_parser().parse_args(argv[argv.index("serve") :]))
+
+    assert "--int8-activations" not in make_commands().shard(0)
+    assert not shard_config(make_commands().shard(0)).int8_activations
+    argv = make_commands(int8_activations=True).shard(0)
+    assert "--int8-activations" in argv
+    assert shard_config(argv).int8_activations

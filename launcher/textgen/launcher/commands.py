@@ -65,6 +65,7 @@ class TextgenCommands:
             "--master-port", str(self.master_port),
             *observability_flags(c),
         ]  # fmt: skip
+        argv += ["--int8-activations"] if c.int8_activations else []
         return argv + _optional("--num-threads", self.num_threads)
 
     def router(self) -> list[str]:

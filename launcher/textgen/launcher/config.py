@@ -55,6 +55,9 @@ FLAG_HELP = {
     "dtype": "default: bfloat16 on CUDA and on CPUs with native bf16, else float32",
     "shard_uds_path": "shard r listens on unix://{path}-{r}",
     "kv_cache_memory_gib": "memory each shard gives its paged KV cache",
+    "int8_activations": "on CPUs with AVX-512 VNNI, multiply a GGUF model's weight blocks with"
+    " activations rounded to int8 per 32 features, as llama.cpp does: faster steps, logits"
+    " a little further from float32 than bf16's (bf16 only; see README)",
     "master_addr": "torch.distributed rendezvous address",
     "master_port": "torch.distributed rendezvous port; default: a free port",
     "json_output": "log JSON lines instead of plain text (launcher, router and shards)",
@@ -93,6 +96,7 @@ class LauncherConfig:
     dtype: str | None = None
     shard_uds_path: str = "/tmp/textgen-server"
     kv_cache_memory_gib: float = 1.0
+    int8_activations: bool = False
     master_addr: str = "localhost"
     master_port: int | None = None
     json_output: bool = False

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=default("num_threads"),
         help="CPU threads of this shard (the launcher divides the cores among shards)",
     )
+    cmd.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="bf16 on CPU: GGUF weight blocks times activations rounded to int8 per 32 features",
+    )
     return parser
 
 
@@ -61,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         otlp_service_name=args.otlp_service_name,
         json_output=args.json_output,
         num_threads=args.num_threads,
+        int8_activations=args.int8_activations,
     )
 
 

@@ -33,6 +33,7 @@ class ServerConfig:
     """Shards trace as `{otlp_service_name}.server`."""
     json_output: bool = False
     num_threads: int | None = None  # CPU threads of this shard; None: torch's default (all)
+    int8_activations: bool = False  # GGUF blocks x int8 activations (layers/gguf.py)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

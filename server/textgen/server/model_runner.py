@@ -8,6 +8,7 @@ requests, sampling or the protocol.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from transformers import AutoConfig, PretrainedConfig
 from textgen.server.attention import AttentionMetadata, get_attention_backend
 from textgen.server.distributed import ParallelGroup
 from textgen.server.kv_cache import KVCache, KVCacheSpec
+from textgen.server.layers import gguf
 from textgen.server.models import CausalLM, get_model_class
 from textgen.server.weights import Weights
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,14 @@ class ModelRunner:
         group: ParallelGroup,
         device: torch.device,
         attention_backend: str = "cpu",
+        int8_activations: bool = False,
     ) -> ModelRunner:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         weights = Weights(model_dir, dtype, device, group)
         attention = get_attention_backend(attention_backend)
         model = get_model_class(config.model_type).load(config, weights, attention)
+        if int8_activations:
+            _use_int8_activations(model, dtype)
         return cls(model, config, block_size, device)
 
     @property
@@ -113,3 +120,18 @@ class ModelRunner:
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _use_int8_activations(model: CausalLM, dtype: torch.dtype) -> None:
+    """Switch `model`'s GGUF-backed layers to int8 activations, saying when none can."""
+    if dtype != torch.bfloat16:
+        logger.warning("--int8-activations applies to bf16 only; %s keeps its products", dtype)
+        return
+    count = gguf.use_int8_activations(model)
+    if count == 0:
+        logger.warning(
+            "--int8-activations: no layer switched (the model has no GGUF blocks, or this "
+            "CPU has no AVX-512 VNNI)"
+        )
+    else:
+        logger.info("int8 activations: %d layers multiply GGUF blocks in int8", count)

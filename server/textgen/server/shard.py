@@ -40,7 +40,12 @@ class Shard:
     @classmethod
     def load(cls, config: ServerConfig, group: ParallelGroup, device: torch.device) -> Shard:
         runner = ModelRunner.load(
-            Path(config.model_dir), config.torch_dtype, config.block_size, group, device
+            Path(config.model_dir),
+            config.torch_dtype,
+            config.block_size,
+            group,
+            device,
+            int8_activations=config.int8_activations,
         )
         return cls(runner, config)
 

@@ -125,6 +125,36 @@ def gguf_linear() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def int8_linear() -> ctypes.CDLL | None:
+    """The int8 (VNNI) product over GGUF blocks, or None where it cannot be built or run here."""
+    library = _load(
+        "int8_linear",
+        textgen_int8_available=[],
+        textgen_int8_pack=[
+            ctypes.c_void_p,  # GGUF blocks
+            ctypes.c_int,  # ggml type
+            *[ctypes.c_int64] * 2,  # n, k
+            *[ctypes.c_void_p] * 3,  # u, d_w, m_w
+        ],
+        textgen_int8_linear=[
+            ctypes.c_void_p,  # x
+            ctypes.c_int64,  # x row stride
+            ctypes.c_int,  # x kind
+            *[ctypes.c_void_p] * 3,  # u, d_w, m_w
+            ctypes.c_void_p,  # y
+            ctypes.c_int64,  # y row stride
+            ctypes.c_int,  # y kind
+            *[ctypes.c_int64] * 3,  # m, n, k
+            ctypes.c_void_p,  # scratch
+            ctypes.c_int,  # threads
+        ],
+    )
+    if library is None or not library.textgen_int8_available():
+        return None  # built without AVX-512 VNNI: nothing to run
+    return library
+
+
+@functools.cache
 def token_ops() -> ctypes.CDLL | None:
     """RMSNorm, rotary embedding, SiLU-and-multiply and logits row statistics, or None."""
     return _load(

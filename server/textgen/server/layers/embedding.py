@@ -48,6 +48,7 @@ class ParallelLMHead(nn.Module):
         self.group = group
         self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
         self.blocks = blocks  # the same weight as GGUF blocks, for small batches
+        self.int8: gguf.Int8Weight | None = None  # set by gguf.use_int8_activations
 
     @classmethod
     def load(
@@ -63,6 +64,8 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if gguf.applies(hidden, self.blocks):
             logits = gguf.gguf_linear(hidden, self.blocks)  # [N, V_local]
+        elif gguf.applies_int8(hidden, self.int8):
+            logits = gguf.int8_linear(hidden, self.int8)  # [N, V_local]
         elif self.packed is not None:
             logits = packed_linear(hidden, self.packed, None)  # [N, V_local]
         else:

@@ -30,6 +30,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
         self.blocks = blocks  # the same weight as GGUF blocks, for small batches
+        self.int8: gguf.Int8Weight | None = None  # set by gguf.use_int8_activations
 
     @classmethod
     def load(
@@ -62,6 +63,9 @@ class ColumnParallelLinear(nn.Module):
         if gguf.applies(x, self.blocks):
             out = gguf.gguf_linear(x, self.blocks)  # [T, out_local]
             return out if self.bias is None else out + self.bias
+        if gguf.applies_int8(x, self.int8):
+            out = gguf.int8_linear(x, self.int8)  # [T, out_local]
+            return out if self.bias is None else out + self.bias
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)  # [T, out_local]
         return nn.functional.linear(x, self.weight, self.bias)  # [T, out_local]
@@ -83,6 +87,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
         self.blocks = blocks  # the same weight as GGUF blocks, for small batches
+        self.int8: gguf.Int8Weight | None = None  # set by gguf.use_int8_activations
 
     @classmethod
     def load(
@@ -100,6 +105,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gguf.applies(x, self.blocks):
             partial = gguf.gguf_linear(x, self.blocks)  # [T, out]
+        elif gguf.applies_int8(x, self.int8):
+            partial = gguf.int8_linear(x, self.int8)  # [T, out]
         elif self.packed is not None:
             partial = packed_linear(x, self.packed, None)  # [T, out]
         else:

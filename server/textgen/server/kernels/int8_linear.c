@@ -1,0 +1,250 @@
+/* y = x W^T in integer arithmetic: W as a GGUF model's blocks, x quantized to int8 on the fly.
+ *
+ * This is the arithmetic llama.cpp uses for GGUF models on CPUs: every 32 input features
+ * of a token are rounded to int8 with one float scale (ggml's Q8_1), and each 32-feature
+ * block is dotted with the weight block in integers (AVX-512 VNNI: 64 multiply-adds per
+ * instruction, twice bf16's dot-product rate). Per block of 32 features k:
+ *
+ *   W[n, k] = d_w[n, b] u[n, k] + m_w[n, b]       u in 0..255 (Q4_0, Q4_1 and Q8_0 all fit)
+ *   x[t, k] ~ d_x[t, b] q[t, k]                    q in -127..127, d_x = max |x| / 127
+ *   y[t, n] = sum_b d_w d_x (sum_k u q) + m_w (d_x sum_k q)
+ *
+ * The integer sums are exact; the only rounding beyond float32 accumulation is x's.
+ * Q4_0's signed nibbles and Q8_0's signed bytes become unsigned with the offset folded
+ * into m_w (Q4_0: u = q + 8, m_w = -8 d; Q8_0: u = q + 128, m_w = -128 d), so one kernel
+ * serves all three. u q fits vpdpbusd's unsigned-by-signed bytes.
+ *
+ * Packed weight layout (`textgen_int8_pack`), for 16 output features n at a time:
+ *   u:   [N / 16][K / 32][8][16][4] bytes: 4 consecutive k of 16 features, a vector each
+ *   d_w, m_w: [N / 16][K / 32][16] float32
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vector_math.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#endif
+
+#define BLOCK 32
+#define LANES 16 /* output features per vector */
+#define ROWS 8   /* tokens per micro-tile */
+#define ROW_CHUNK 128
+
+enum { KIND_F32 = 0, KIND_BF16 = 1 };
+enum { TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q8_0 = 8 }; /* ggml's type ids */
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1f;
+    uint32_t mantissa = h & 0x3ff;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {
+        exponent = 113;
+        while (!(mantissa & 0x400)) {
+            mantissa <<= 1;
+            exponent--;
+        }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+static int64_t block_bytes(int type) {
+    switch (type) {
+        case TYPE_Q4_0: return 18;
+        case TYPE_Q4_1: return 20;
+        case TYPE_Q8_0: return 34;
+        default: return 0;
+    }
+}
+
+/* 1 when this build has the VNNI kernel (the pack is of no use otherwise). */
+int textgen_int8_available(void) {
+#ifdef HAVE_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* GGUF blocks [n][k / 32 blocks] of `type` into the layout above. Returns 0, or -1 for an
+ * unknown type or shapes that are not multiples of 16 (n) and 32 (k). */
+int textgen_int8_pack(const uint8_t *blocks, int type, int64_t n, int64_t k, uint8_t *u,
+                      float *d_w, float *m_w) {
+    const int64_t stride = block_bytes(type);
+    if (stride == 0 || n % LANES || k % BLOCK) return -1;
+    const int64_t kb = k / BLOCK;
+    for (int64_t row = 0; row < n; row++) {
+        const int64_t tile = row / LANES, lane = row % LANES;
+        for (int64_t b = 0; b < kb; b++) {
+            const uint8_t *block = blocks + (row * kb + b) * stride;
+            uint16_t raw;
+            memcpy(&raw, block, 2);
+            const float d = half_to_float(raw);
+            uint8_t values[BLOCK];
+            float m;
+            if (type == TYPE_Q8_0) {
+                for (int j = 0; j < BLOCK; j++) values[j] = (uint8_t)((int)(int8_t)block[2 + j] + 128);
+                m = -128.0f * d;
+            } else {
+                const uint8_t *qs = block + (type == TYPE_Q4_1 ? 4 : 2);
+                for (int j = 0; j < BLOCK / 2; j++) {
+                    values[j] = qs[j] & 15;
+                    values[j + BLOCK / 2] = qs[j] >> 4;
+                }
+                if (type == TYPE_Q4_1) {
+                    memcpy(&raw, block + 2, 2);
+                    m = half_to_float(raw);
+                } else {
+                    m = -8.0f * d;
+                }
+            }
+            uint8_t *dst = u + ((tile * kb + b) * 8) * LANES * 4;
+            for (int g = 0; g < 8; g++)
+                for (int j = 0; j < 4; j++) dst[(g * LANES + lane) * 4 + j] = values[g * 4 + j];
+            d_w[(tile * kb + b) * LANES + lane] = d;
+            m_w[(tile * kb + b) * LANES + lane] = m;
+        }
+    }
+    return 0;
+}
+
+#ifdef HAVE_VNNI
+
+/* One token's k features (float32 or bf16) into int8 q [k], d_x and d_x * sum q per block. */
+static inline void quantize_row(const void *x, int kind, int64_t k, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        __m512 lo, hi;
+        if (kind == KIND_BF16) {
+            const uint16_t *p = (const uint16_t *)x + b * BLOCK;
+            lo = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+            hi = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16))), 16));
+        } else {
+            const float *p = (const float *)x + b * BLOCK;
+            lo = _mm512_loadu_ps(p);
+            hi = _mm512_loadu_ps(p + 16);
+        }
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const float scale = amax / 127.0f;
+        const __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        /* rounded to nearest even; |x| / scale <= 127 so nothing saturates */
+        const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+        const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+        _mm_storeu_si128((__m128i *)(q + b * BLOCK), _mm512_cvtsepi32_epi8(qlo));
+        _mm_storeu_si128((__m128i *)(q + b * BLOCK + 16), _mm512_cvtsepi32_epi8(qhi));
+        d[b] = scale;
+        s[b] = scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+}
+
+/* `rows` (<= ROWS) tokens against 16 output features; rows past `rows` repeat the last
+ * token and are not stored. */
+static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float *d_x,
+                              const float *s_x, int64_t k, const uint8_t *u, const float *d_w,
+                              const float *m_w, void *y, int y_kind, int64_t y_stride) {
+    const int8_t *qr[ROWS];
+    const float *dr[ROWS], *sr[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        const int64_t row = r < rows ? r : rows - 1;
+        qr[r] = q + row * k;
+        dr[r] = d_x + row * kb;
+        sr[r] = s_x + row * kb;
+    }
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < kb; b++) {
+        __m512i sums[ROWS];
+        for (int r = 0; r < ROWS; r++) sums[r] = _mm512_setzero_si512();
+        const uint8_t *ub = u + b * 8 * LANES * 4;
+        for (int g = 0; g < 8; g++) {
+            const __m512i w = _mm512_loadu_si512(ub + g * LANES * 4);
+            for (int r = 0; r < ROWS; r++) {
+                int32_t four;
+                memcpy(&four, qr[r] + b * BLOCK + g * 4, 4);
+                sums[r] = _mm512_dpbusd_epi32(sums[r], w, _mm512_set1_epi32(four));
+            }
+        }
+        const __m512 dw = _mm512_loadu_ps(d_w + b * LANES);
+        const __m512 mw = _mm512_loadu_ps(m_w + b * LANES);
+        for (int r = 0; r < ROWS; r++) {
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dr[r][b]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sr[r][b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        if (y_kind == KIND_BF16) {
+            /* rounded to nearest even, as torch rounds; NaN cannot come from finite input */
+            __m512i bits = _mm512_castps_si512(acc[r]);
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)y + r * y_stride),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        } else {
+            _mm512_storeu_ps((float *)y + r * y_stride, acc[r]);
+        }
+    }
+}
+
+#endif
+
+/* y [m][n] (row stride y_stride, float32 or bf16) = x [m][k] (row stride x_stride) W^T with
+ * W packed by `textgen_int8_pack`, on `threads` threads. `scratch` holds m * (k + 8 * k / 32)
+ * bytes.
+ * Returns 0, or -1 where this build has no VNNI kernel or the shapes do not fit it. */
+int textgen_int8_linear(const void *x, int64_t x_stride, int x_kind, const uint8_t *u,
+                        const float *d_w, const float *m_w, void *y, int64_t y_stride, int y_kind,
+                        int64_t m, int64_t n, int64_t k, void *scratch, int threads) {
+#ifdef HAVE_VNNI
+    if (n % LANES || k % BLOCK || m <= 0) return -1;
+    const int64_t kb = k / BLOCK, tiles = n / LANES;
+    int8_t *q = (int8_t *)scratch;
+    float *d_x = (float *)(q + m * k), *s_x = d_x + m * kb;
+    const size_t x_item = x_kind == KIND_BF16 ? 2 : 4, y_item = y_kind == KIND_BF16 ? 2 : 4;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < m; t++)
+            quantize_row((const char *)x + t * x_stride * x_item, x_kind, k, q + t * k, d_x + t * kb,
+                         s_x + t * kb);
+        /* implicit barrier: every row is quantized before any product reads it */
+        const int64_t chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int64_t tile = 0; tile < tiles; tile++) {
+                const int64_t end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
+                for (int64_t t = c * ROW_CHUNK; t < end; t += ROWS) {
+                    const int rows = end - t < ROWS ? (int)(end - t) : ROWS;
+                    micro_tile(rows, kb, q + t * k, d_x + t * kb, s_x + t * kb, k,
+                               u + tile * kb * 8 * LANES * 4, d_w + tile * kb * LANES,
+                               m_w + tile * kb * LANES,
+                               (char *)y + (t * y_stride + tile * LANES) * y_item, y_kind,
+                               y_stride);
+                }
+            }
+    }
+    return 0;
+#else
+    (void)x, (void)x_stride, (void)x_kind, (void)u, (void)d_w, (void)m_w, (void)y;
+    (void)y_stride, (void)y_kind, (void)m, (void)n, (void)k, (void)scratch, (void)threads;
+    return -1;
+#endif
+}
