@@ -10,7 +10,7 @@ from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.layers import gguf
 from textgen.server.model_runner import ModelRunner, SequenceInput
-from textgen.server.weights import GGUFBlocks
+from textgen.server.weights import GGUFBlocks, Weights
 
 pytestmark = pytest.mark.skipif(
     kernels.int8_linear() is None, reason="this CPU (or compiler) has no AVX-512 VNNI"
@@ -128,3 +128,37 @@ def test_default_model_with_int8_activations_stays_close_to_float32(real_model_d
     # measured on this prompt: top-1 agreement 0.91, KL 0.007 (bf16: 0.002)
     assert int8_agree > 0.85 and int8_kl < 0.02, (int8_agree, int8_kl, bf16_kl)
     assert bf16_kl < int8_kl  # the rounding is real: the path ran
+
+
+@pytest.mark.parametrize(
+    "name", ["model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"]
+)
+def test_split_weights_give_the_same_product(real_model_dir, name):
+    """Tensor parallelism: two ranks' halves (row- or vocabulary-split) on block bounds."""
+    cpu = torch.device("cpu")
+    full = Weights(real_model_dir, torch.bfloat16, cpu, ParallelGroup())
+    halves = [Weights(real_model_dir, torch.bfloat16, cpu, ParallelGroup(r, 2)) for r in (0, 1)]
+    whole = gguf.pack_int8(full.blocks(name))
+    torch.manual_seed(2)
+    x = torch.randn(24, whole.in_features).to(torch.bfloat16)
+    expected = gguf.int8_linear(x, whole).float()
+    if name.endswith("down_proj.weight"):  # row-parallel: input columns split, partials summed
+        parts = []
+        for w in halves:
+            start, stop = w.shard_range(name, 1)
+            parts.append(
+                gguf.int8_linear(
+                    x[:, start:stop], gguf.pack_int8(w.blocks(name, columns=(start, stop)))
+                )
+            )
+        # each rank rounds its own 32-feature blocks exactly as the whole does; what differs
+        # is the rounding of each partial and of the whole to bf16, half a step each
+        step = max(p.float().abs().max().item() for p in parts) * 2**-8
+        total = sum(p.float() for p in parts)
+        torch.testing.assert_close(total, expected, rtol=0, atol=3 * step)
+    else:  # the output layer: vocabulary rows split, logits gathered
+        rows = [
+            gguf.int8_linear(x, gguf.pack_int8(w.blocks(name, rows=w.shard_range(name, 0))))
+            for w in halves
+        ]
+        assert torch.equal(torch.cat(rows, dim=-1).float(), expected)
