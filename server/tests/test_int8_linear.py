@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType, dequantize, quantize
@@ -9,6 +15,7 @@ from gguf import GGMLQuantizationType, dequantize, quantize
 from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.layers import gguf
+from textgen.server.layers.linear import ColumnParallelLinear
 from textgen.server.model_runner import ModelRunner, SequenceInput
 from textgen.server.weights import GGUFBlocks, Weights
 
@@ -162,3 +169,23 @@ def test_split_weights_give_the_same_product(real_model_dir, name):
             for w in halves
         ]
         assert torch.equal(torch.cat(rows, dim=-1).float(), expected)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for the x86-64 baseline")
+def test_a_build_without_vnni_says_so_and_the_layers_keep_their_products(tmp_path, monkeypatch):
+    """Other CPUs build the kernel without VNNI: it reports itself unavailable."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    source = Path(kernels.__file__).parent / "int8_linear.c"
+    built = tmp_path / "portable.so"
+    flags = ["-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True)
+    library = ctypes.CDLL(str(built))
+    assert library.textgen_int8_available() == 0
+    entry = library.textgen_int8_linear
+    entry.argtypes = kernels.int8_linear().textgen_int8_linear.argtypes
+    assert entry(0, 32, 1, 0, 0, 0, 0, 16, 1, 1, 16, 32, 0, 1) == -1
+
+    # the loader then gives None, and no layer switches
+    monkeypatch.setattr(kernels, "int8_linear", lambda: None)
+    layer = ColumnParallelLinear(torch.zeros(16, 32), None, _blocks(torch.randn(16, 32), "Q4_1"))
+    assert gguf.use_int8_activations(layer) == 0 and layer.int8 is None
