@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gguf_blocks.h"
 #include "vector_math.h"
 
 #ifdef _OPENMP
@@ -31,44 +32,9 @@
 #define HAVE_AVX512 1
 #endif
 
-#define BLOCK 32
 #define TOKEN_TILE 4
 
 enum { KIND_F32 = 0, KIND_BF16 = 1 };
-enum { TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q8_0 = 8 }; /* ggml's type ids */
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exponent = (h >> 10) & 0x1f;
-    uint32_t mantissa = h & 0x3ff;
-    uint32_t bits;
-    if (exponent == 0x1f) {
-        bits = sign | 0x7f800000u | (mantissa << 13); /* inf, nan */
-    } else if (exponent != 0) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else if (mantissa == 0) {
-        bits = sign;
-    } else { /* subnormal half: normalise */
-        exponent = 113;
-        while (!(mantissa & 0x400)) {
-            mantissa <<= 1;
-            exponent--;
-        }
-        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
-    }
-    float out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
-}
-
-static int64_t block_bytes(int type) {
-    switch (type) {
-        case TYPE_Q4_0: return 18;
-        case TYPE_Q4_1: return 20;
-        case TYPE_Q8_0: return 34;
-        default: return 0;
-    }
-}
 
 #ifndef HAVE_AVX512 /* the portable path: a row at a time through a float32 buffer */
 /* One row of W (K / 32 blocks at `row`) into `w` [K] float32. */
