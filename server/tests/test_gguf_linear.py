@@ -10,26 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType, dequantize, quantize
+from gguf_testing import dequantized, make_blocks
 from safetensors import safe_open
 
 from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.layers import gguf
 from textgen.server.model_runner import ModelRunner, SequenceInput
-from textgen.server.weights import GGUFBlocks, Weights
+from textgen.server.weights import Weights
 
 BLOCK_SIZE = 16
-
-
-def _blocks(weight: torch.Tensor, kind: str) -> GGUFBlocks:
-    data = quantize(weight.numpy(), GGMLQuantizationType[kind])  # uint8 [out, bytes]
-    return GGUFBlocks(torch.from_numpy(data), kind)
-
-
-def _dense(blocks: GGUFBlocks) -> torch.Tensor:
-    kind = GGMLQuantizationType[blocks.kind]
-    return torch.from_numpy(dequantize(blocks.data.numpy(), kind).copy())  # float32 [out, in]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,10 +32,10 @@ def _kernel_builds() -> None:
 @pytest.mark.parametrize("in_features", [32, 96, 256])  # 1, 3 (odd: the tail block) and 8 blocks
 def test_kernel_matches_the_product_with_dequantized_weights(kind, num_tokens, in_features):
     torch.manual_seed(num_tokens * in_features)
-    blocks = _blocks(torch.randn(7, in_features), kind)
+    blocks = make_blocks(torch.randn(7, in_features), kind)
     x = torch.randn(num_tokens, in_features).to(torch.bfloat16)
     out = gguf.gguf_linear(x, blocks)  # [T, 7] bf16
-    expected = (x.double() @ _dense(blocks).double().T).to(torch.bfloat16)
+    expected = (x.double() @ dequantized(blocks).double().T).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, 7)
     # float32 sums rounded once to bf16: at most one bf16 step from the exact result's rounding
     torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-3)
@@ -63,7 +53,7 @@ def test_portable_c_path_matches_too(tmp_path):
     entry.argtypes = kernels.gguf_linear().textgen_gguf_linear.argtypes
     torch.manual_seed(3)
     for kind in ("Q4_0", "Q4_1", "Q8_0"):
-        blocks = _blocks(torch.randn(5, 96), kind)
+        blocks = make_blocks(torch.randn(5, 96), kind)
         x = torch.randn(6, 96).to(torch.bfloat16)
         out = torch.empty(6, 5, dtype=torch.bfloat16)
         type_id = gguf.GGML_TYPES[kind][0]
@@ -74,7 +64,7 @@ def test_portable_c_path_matches_too(tmp_path):
 
 def test_kernel_reads_strided_rows():
     torch.manual_seed(1)
-    blocks = _blocks(torch.randn(5, 64), "Q4_1")
+    blocks = make_blocks(torch.randn(5, 64), "Q4_1")
     wide = torch.randn(3, 100).to(torch.bfloat16)
     x = wide[:, 10:74]  # rows 100 elements apart
     torch.testing.assert_close(
@@ -84,16 +74,16 @@ def test_kernel_reads_strided_rows():
 
 def test_columns_are_sliced_on_block_bounds_only():
     torch.manual_seed(2)
-    blocks = _blocks(torch.randn(4, 128), "Q8_0")
-    assert torch.equal(_dense(blocks.columns(32, 96)), _dense(blocks)[:, 32:96])
+    blocks = make_blocks(torch.randn(4, 128), "Q8_0")
+    assert torch.equal(dequantized(blocks.columns(32, 96)), dequantized(blocks)[:, 32:96])
     assert blocks.columns(16, 48) is None
-    assert gguf.concat_rows([blocks, _blocks(torch.randn(4, 128), "Q4_1")]) is None
+    assert gguf.concat_rows([blocks, make_blocks(torch.randn(4, 128), "Q4_1")]) is None
     both = gguf.concat_rows([blocks, blocks])
-    assert torch.equal(_dense(both), torch.cat([_dense(blocks)] * 2))
+    assert torch.equal(dequantized(both), torch.cat([dequantized(blocks)] * 2))
 
 
 def test_the_kernel_serves_small_batches_only():
-    blocks = _blocks(torch.randn(3, 32), "Q4_0")
+    blocks = make_blocks(torch.randn(3, 32), "Q4_0")
     assert gguf.applies(torch.zeros(gguf.MAX_TOKENS, 32, dtype=torch.bfloat16), blocks)
     assert not gguf.applies(torch.zeros(gguf.MAX_TOKENS + 1, 32, dtype=torch.bfloat16), blocks)
     assert not gguf.applies(torch.zeros(1, 32), blocks)  # float32 keeps the plain product
@@ -117,12 +107,12 @@ def _weight(model_dir: Path, name: str) -> torch.Tensor:
 @pytest.mark.parametrize("rank", [0, 1])
 def test_converted_default_model_keeps_blocks_equal_to_its_weights(real_model_dir, name, rank):
     weights = Weights(real_model_dir, torch.bfloat16, torch.device("cpu"), ParallelGroup(rank, 2))
-    dense = _weight(real_model_dir, name)  # float32, as transformers dequantized it
+    saved = _weight(real_model_dir, name)  # float32, as transformers dequantized it
     rows = weights.shard_range(name, 0)
-    assert torch.equal(_dense(weights.blocks(name, rows=rows)), dense[rows[0] : rows[1]])
+    assert torch.equal(dequantized(weights.blocks(name, rows=rows)), saved[rows[0] : rows[1]])
     columns = weights.shard_range(name, 1)  # a row-parallel split: 288 or 768 columns
     sliced = weights.blocks(name, columns=columns)
-    assert torch.equal(_dense(sliced), dense[:, columns[0] : columns[1]])
+    assert torch.equal(dequantized(sliced), saved[:, columns[0] : columns[1]])
 
 
 def test_float32_shards_do_not_load_blocks(real_model_dir):

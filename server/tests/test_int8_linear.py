@@ -10,28 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType, dequantize, quantize
+from gguf_testing import dequantized, make_blocks
 
 from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.layers import gguf
 from textgen.server.layers.linear import ColumnParallelLinear
 from textgen.server.model_runner import ModelRunner, SequenceInput
-from textgen.server.weights import GGUFBlocks, Weights
+from textgen.server.weights import Weights
 
 pytestmark = pytest.mark.skipif(
     kernels.int8_linear() is None, reason="this CPU (or compiler) has no AVX-512 VNNI"
 )
-
-
-def _blocks(weight: torch.Tensor, kind: str) -> GGUFBlocks:
-    data = quantize(weight.numpy(), GGMLQuantizationType[kind])  # uint8 [out, bytes]
-    return GGUFBlocks(torch.from_numpy(data), kind)
-
-
-def _dense(blocks: GGUFBlocks) -> torch.Tensor:
-    kind = GGMLQuantizationType[blocks.kind]
-    return torch.from_numpy(dequantize(blocks.data.numpy(), kind).copy())  # float32 [out, in]
 
 
 def _rounded(x: torch.Tensor) -> torch.Tensor:
@@ -52,11 +42,11 @@ def test_kernel_equals_the_product_of_rounded_activations_and_exact_weights(
 ):
     out_features, in_features = shape
     torch.manual_seed(num_tokens * in_features + out_features)
-    blocks = _blocks(torch.randn(out_features, in_features) * 0.1, kind)
+    blocks = make_blocks(torch.randn(out_features, in_features) * 0.1, kind)
     weight = gguf.pack_int8(blocks)
     x = torch.randn(num_tokens, in_features).to(torch.bfloat16)
     out = gguf.int8_linear(x, weight)
-    expected = _rounded(x) @ _dense(blocks).double().T
+    expected = _rounded(x) @ dequantized(blocks).double().T
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, out_features)
     # integer block sums are exact; float32 accumulation, then one rounding to bf16
     torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-4)
@@ -64,17 +54,17 @@ def test_kernel_equals_the_product_of_rounded_activations_and_exact_weights(
 
 def test_rounding_activations_stays_close_to_the_exact_product():
     torch.manual_seed(0)
-    blocks = _blocks(torch.randn(64, 576) * 0.05, "Q4_1")
+    blocks = make_blocks(torch.randn(64, 576) * 0.05, "Q4_1")
     x = torch.randn(40, 576).to(torch.bfloat16)
     out = gguf.int8_linear(x, gguf.pack_int8(blocks)).double()
-    exact = x.double() @ _dense(blocks).double().T
+    exact = x.double() @ dequantized(blocks).double().T
     # int8 per 32 features: relative error of the products well under 1 %
     assert ((out - exact).norm() / exact.norm()).item() < 0.01
 
 
 def test_kernel_reads_strided_rows_and_zero_rows():
     torch.manual_seed(1)
-    blocks = _blocks(torch.randn(32, 64), "Q8_0")
+    blocks = make_blocks(torch.randn(32, 64), "Q8_0")
     weight = gguf.pack_int8(blocks)
     wide = torch.randn(9, 100).to(torch.bfloat16)
     wide[3] = 0  # an all-zero row has scale 0: zeros out, not NaN
@@ -86,13 +76,13 @@ def test_kernel_reads_strided_rows_and_zero_rows():
 
 
 def test_the_int8_path_takes_large_bf16_steps_only():
-    weight = gguf.pack_int8(_blocks(torch.randn(16, 32), "Q4_1"))
+    weight = gguf.pack_int8(make_blocks(torch.randn(16, 32), "Q4_1"))
     step = gguf.MAX_TOKENS + 1
     assert gguf.applies_int8(torch.zeros(step, 32, dtype=torch.bfloat16), weight)
     assert not gguf.applies_int8(torch.zeros(gguf.MAX_TOKENS, 32, dtype=torch.bfloat16), weight)
     assert not gguf.applies_int8(torch.zeros(step, 32), weight)  # float32 keeps its product
     assert not gguf.applies_int8(torch.zeros(step, 32, dtype=torch.bfloat16), None)
-    assert gguf.pack_int8(_blocks(torch.randn(8, 32), "Q4_1")) is None  # 8 rows: not 16-wide
+    assert gguf.pack_int8(make_blocks(torch.randn(8, 32), "Q4_1")) is None  # 8 rows: not 16-wide
     assert gguf.pack_int8(None) is None
 
 
@@ -187,5 +177,6 @@ def test_a_build_without_vnni_says_so_and_the_layers_keep_their_products(tmp_pat
 
     # the loader then gives None, and no layer switches
     monkeypatch.setattr(kernels, "int8_linear", lambda: None)
-    layer = ColumnParallelLinear(torch.zeros(16, 32), None, _blocks(torch.randn(16, 32), "Q4_1"))
+    blocks = make_blocks(torch.randn(16, 32), "Q4_1")
+    layer = ColumnParallelLinear(torch.zeros(16, 32), None, blocks)
     assert gguf.use_int8_activations(layer) == 0 and layer.int8 is None
