@@ -173,7 +173,7 @@ def test_a_build_without_vnni_says_so_and_the_layers_keep_their_products(tmp_pat
     assert library.textgen_int8_available() == 0
     entry = library.textgen_int8_linear
     entry.argtypes = kernels.int8_linear().textgen_int8_linear.argtypes
-    assert entry(0, 32, 1, 0, 0, 0, 0, 16, 1, 1, 16, 32, 0, 1) == -1
+    assert entry(0, 32, 0, 0, 0, 0, 16, 1, 16, 32, 0, 1) == -1  # x, stride, u, d, m, y, ...
 
     # the loader then gives None, and no layer switches
     monkeypatch.setattr(kernels, "int8_linear", lambda: None)

@@ -137,13 +137,11 @@ def int8_linear() -> ctypes.CDLL | None:
             *[ctypes.c_void_p] * 3,  # u, d_w, m_w
         ],
         textgen_int8_linear=[
-            ctypes.c_void_p,  # x
+            ctypes.c_void_p,  # x (bf16)
             ctypes.c_int64,  # x row stride
-            ctypes.c_int,  # x kind
             *[ctypes.c_void_p] * 3,  # u, d_w, m_w
-            ctypes.c_void_p,  # y
+            ctypes.c_void_p,  # y (bf16)
             ctypes.c_int64,  # y row stride
-            ctypes.c_int,  # y kind
             *[ctypes.c_int64] * 3,  # m, n, k
             ctypes.c_void_p,  # scratch
             ctypes.c_int,  # threads

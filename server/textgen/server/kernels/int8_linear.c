@@ -38,8 +38,6 @@
 #define ROWS 8   /* tokens per micro-tile */
 #define ROW_CHUNK 128
 
-enum { KIND_F32 = 0, KIND_BF16 = 1 };
-
 /* 1 when this build has the VNNI kernel (the pack is of no use otherwise). */
 int textgen_int8_available(void) {
 #ifdef HAVE_VNNI
@@ -93,21 +91,16 @@ int textgen_int8_pack(const uint8_t *blocks, int type, int64_t n, int64_t k, uin
 
 #ifdef HAVE_VNNI
 
-/* One token's k features (float32 or bf16) into int8 q [k], d_x and d_x * sum q per block. */
-static inline void quantize_row(const void *x, int kind, int64_t k, int8_t *q, float *d, float *s) {
+/* 16 bf16 at `p` widened to float32. */
+static inline __m512 load16_bf16(const uint16_t *p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* One token's k bf16 features into int8 q [k], d_x and d_x * sum q per block. */
+static inline void quantize_row(const uint16_t *x, int64_t k, int8_t *q, float *d, float *s) {
     for (int64_t b = 0; b < k / BLOCK; b++) {
-        __m512 lo, hi;
-        if (kind == KIND_BF16) {
-            const uint16_t *p = (const uint16_t *)x + b * BLOCK;
-            lo = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-            hi = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16))), 16));
-        } else {
-            const float *p = (const float *)x + b * BLOCK;
-            lo = _mm512_loadu_ps(p);
-            hi = _mm512_loadu_ps(p + 16);
-        }
+        const __m512 lo = load16_bf16(x + b * BLOCK), hi = load16_bf16(x + b * BLOCK + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
         const float scale = amax / 127.0f;
         const __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
@@ -125,7 +118,7 @@ static inline void quantize_row(const void *x, int kind, int64_t k, int8_t *q, f
  * token and are not stored. */
 static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float *d_x,
                               const float *s_x, int64_t k, const uint8_t *u, const float *d_w,
-                              const float *m_w, void *y, int y_kind, int64_t y_stride) {
+                              const float *m_w, uint16_t *y, int64_t y_stride) {
     const int8_t *qr[ROWS];
     const float *dr[ROWS], *sr[ROWS];
     for (int r = 0; r < ROWS; r++) {
@@ -157,40 +150,33 @@ static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float
         }
     }
     for (int r = 0; r < rows; r++) {
-        if (y_kind == KIND_BF16) {
-            /* rounded to nearest even, as torch rounds; NaN cannot come from finite input */
-            __m512i bits = _mm512_castps_si512(acc[r]);
-            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-            bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-            _mm256_storeu_si256((__m256i *)((uint16_t *)y + r * y_stride),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-        } else {
-            _mm512_storeu_ps((float *)y + r * y_stride, acc[r]);
-        }
+        /* rounded to nearest even, as torch rounds; NaN cannot come from finite input */
+        __m512i bits = _mm512_castps_si512(acc[r]);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+        _mm256_storeu_si256((__m256i *)(y + r * y_stride),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
     }
 }
 
 #endif
 
-/* y [m][n] (row stride y_stride, float32 or bf16) = x [m][k] (row stride x_stride) W^T with
- * W packed by `textgen_int8_pack`, on `threads` threads. `scratch` holds m * (k + 8 * k / 32)
- * bytes.
- * Returns 0, or -1 where this build has no VNNI kernel or the shapes do not fit it. */
-int textgen_int8_linear(const void *x, int64_t x_stride, int x_kind, const uint8_t *u,
-                        const float *d_w, const float *m_w, void *y, int64_t y_stride, int y_kind,
-                        int64_t m, int64_t n, int64_t k, void *scratch, int threads) {
+/* y [m][n] bf16 (row stride y_stride) = x [m][k] bf16 (row stride x_stride) W^T with W
+ * packed by `textgen_int8_pack`, on `threads` threads. `scratch` holds m * (k + 8 * k / 32)
+ * bytes. Returns 0, or -1 where this build has no VNNI kernel or the shapes do not fit it. */
+int textgen_int8_linear(const uint16_t *x, int64_t x_stride, const uint8_t *u, const float *d_w,
+                        const float *m_w, uint16_t *y, int64_t y_stride, int64_t m, int64_t n,
+                        int64_t k, void *scratch, int threads) {
 #ifdef HAVE_VNNI
     if (n % LANES || k % BLOCK || m <= 0) return -1;
     const int64_t kb = k / BLOCK, tiles = n / LANES;
     int8_t *q = (int8_t *)scratch;
     float *d_x = (float *)(q + m * k), *s_x = d_x + m * kb;
-    const size_t x_item = x_kind == KIND_BF16 ? 2 : 4, y_item = y_kind == KIND_BF16 ? 2 : 4;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < m; t++)
-            quantize_row((const char *)x + t * x_stride * x_item, x_kind, k, q + t * k, d_x + t * kb,
-                         s_x + t * kb);
+            quantize_row(x + t * x_stride, k, q + t * k, d_x + t * kb, s_x + t * kb);
         /* implicit barrier: every row is quantized before any product reads it */
         const int64_t chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
 #pragma omp for collapse(2) schedule(static)
@@ -201,16 +187,14 @@ int textgen_int8_linear(const void *x, int64_t x_stride, int x_kind, const uint8
                     const int rows = end - t < ROWS ? (int)(end - t) : ROWS;
                     micro_tile(rows, kb, q + t * k, d_x + t * kb, s_x + t * kb, k,
                                u + tile * kb * 8 * LANES * 4, d_w + tile * kb * LANES,
-                               m_w + tile * kb * LANES,
-                               (char *)y + (t * y_stride + tile * LANES) * y_item, y_kind,
-                               y_stride);
+                               m_w + tile * kb * LANES, y + t * y_stride + tile * LANES, y_stride);
                 }
             }
     }
     return 0;
 #else
-    (void)x, (void)x_stride, (void)x_kind, (void)u, (void)d_w, (void)m_w, (void)y;
-    (void)y_stride, (void)y_kind, (void)m, (void)n, (void)k, (void)scratch, (void)threads;
+    (void)x, (void)x_stride, (void)u, (void)d_w, (void)m_w, (void)y, (void)y_stride;
+    (void)m, (void)n, (void)k, (void)scratch, (void)threads;
     return -1;
 #endif
 }
