@@ -5,6 +5,7 @@ forward of a prefill of 200-token prompts and of decode steps at the given batch
 each sequence with a 200-token context. The quickest A/B for shard-side speed work:
 
     python benchmark/scripts/decode_step.py --threads 2 --batch-size 1 16 64
+    python benchmark/scripts/decode_step.py --threads 2 --int8-activations --prefill-prompts 20
     TEXTGEN_NATIVE_KERNELS=0 python benchmark/scripts/decode_step.py   # torch attention
 """
 
@@ -63,18 +64,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--prefill-prompts", type=int, default=4, help="prompts in the prefill")
+    parser.add_argument("--int8-activations", action="store_true", help="as the shard's flag")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir or str(resolve_model(None)))
     runner = ModelRunner.load(
-        model_dir, getattr(torch, args.dtype), BLOCK_SIZE, ParallelGroup(), torch.device("cpu")
+        model_dir,
+        getattr(torch, args.dtype),
+        BLOCK_SIZE,
+        ParallelGroup(),
+        torch.device("cpu"),
+        int8_activations=args.int8_activations,
     )
     blocks_each = -(-(CONTEXT + 1) // BLOCK_SIZE)
-    runner.allocate_kv_cache(max(args.batch_size) * blocks_each + 1)
-    print(f"{args.dtype}, {args.threads} thread(s), contexts of {CONTEXT} tokens")
-    ms = median_ms(lambda: runner.forward(sequences(4, CONTEXT, CONTEXT, blocks_each)), 2)
-    print(f"prefill 4 x {CONTEXT}: {ms:.1f} ms ({4 * CONTEXT / ms * 1000:.0f} tokens/s)")
+    prompts = args.prefill_prompts
+    runner.allocate_kv_cache(max(*args.batch_size, prompts) * blocks_each + 1)
+    int8 = ", int8 activations" if args.int8_activations else ""
+    print(f"{args.dtype}{int8}, {args.threads} thread(s), contexts of {CONTEXT} tokens")
+    ms = median_ms(lambda: runner.forward(sequences(prompts, CONTEXT, CONTEXT, blocks_each)), 2)
+    rate = prompts * CONTEXT / ms * 1000
+    print(f"prefill {prompts} x {CONTEXT}: {ms:.1f} ms ({rate:.0f} tokens/s)")
     for batch in args.batch_size:
         step = sequences(batch, CONTEXT + 1, 1, blocks_each)
         ms = median_ms(lambda step=step: runner.forward(step), args.runs)

@@ -114,19 +114,11 @@ static inline void quantize_row(const uint16_t *x, int64_t k, int8_t *q, float *
     }
 }
 
-/* `rows` (<= ROWS) tokens against 16 output features; rows past `rows` repeat the last
- * token and are not stored. */
+/* ROWS tokens (q, d_x, s_x rows at strides k and kb) against 16 output features; the
+ * first `rows` are stored. Rows past `rows` read the scratch's padding and are dropped. */
 static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float *d_x,
                               const float *s_x, int64_t k, const uint8_t *u, const float *d_w,
                               const float *m_w, uint16_t *y, int64_t y_stride) {
-    const int8_t *qr[ROWS];
-    const float *dr[ROWS], *sr[ROWS];
-    for (int r = 0; r < ROWS; r++) {
-        const int64_t row = r < rows ? r : rows - 1;
-        qr[r] = q + row * k;
-        dr[r] = d_x + row * kb;
-        sr[r] = s_x + row * kb;
-    }
     __m512 acc[ROWS];
     for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < kb; b++) {
@@ -137,16 +129,16 @@ static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float
             const __m512i w = _mm512_loadu_si512(ub + g * LANES * 4);
             for (int r = 0; r < ROWS; r++) {
                 int32_t four;
-                memcpy(&four, qr[r] + b * BLOCK + g * 4, 4);
+                memcpy(&four, q + r * k + b * BLOCK + g * 4, 4);
                 sums[r] = _mm512_dpbusd_epi32(sums[r], w, _mm512_set1_epi32(four));
             }
         }
         const __m512 dw = _mm512_loadu_ps(d_w + b * LANES);
         const __m512 mw = _mm512_loadu_ps(m_w + b * LANES);
         for (int r = 0; r < ROWS; r++) {
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dr[r][b]));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d_x[r * kb + b]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), scale, acc[r]);
-            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sr[r][b]), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(s_x[r * kb + b]), acc[r]);
         }
     }
     for (int r = 0; r < rows; r++) {
@@ -162,8 +154,8 @@ static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float
 #endif
 
 /* y [m][n] bf16 (row stride y_stride) = x [m][k] bf16 (row stride x_stride) W^T with W
- * packed by `textgen_int8_pack`, on `threads` threads. `scratch` holds m * (k + 8 * k / 32)
- * bytes. Returns 0, or -1 where this build has no VNNI kernel or the shapes do not fit it. */
+ * packed by `textgen_int8_pack`, on `threads` threads. `scratch` holds (m + 8) * (k + 8 * k / 32)
+ * bytes: the quantized rows and 8 rows of padding for the last micro-tile. Returns 0, or -1 where this build has no VNNI kernel or the shapes do not fit it. */
 int textgen_int8_linear(const uint16_t *x, int64_t x_stride, const uint8_t *u, const float *d_w,
                         const float *m_w, uint16_t *y, int64_t y_stride, int64_t m, int64_t n,
                         int64_t k, void *scratch, int threads) {
@@ -171,7 +163,12 @@ int textgen_int8_linear(const uint16_t *x, int64_t x_stride, const uint8_t *u, c
     if (n % LANES || k % BLOCK || m <= 0) return -1;
     const int64_t kb = k / BLOCK, tiles = n / LANES;
     int8_t *q = (int8_t *)scratch;
-    float *d_x = (float *)(q + m * k), *s_x = d_x + m * kb;
+    const int64_t padded = m + ROWS;
+    float *d_x = (float *)(q + padded * k), *s_x = d_x + padded * kb;
+    /* zero padding: the dropped rows compute on zeros, never on stale floats */
+    memset(q + m * k, 0, ROWS * k);
+    memset(d_x + m * kb, 0, ROWS * kb * sizeof(float));
+    memset(s_x + m * kb, 0, ROWS * kb * sizeof(float));
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
 #pragma omp for schedule(static)

@@ -15,10 +15,9 @@ TEXTGEN_NATIVE_KERNELS=0 turns it off with the other native kernels.
 Above `MAX_TOKENS`, a shard started with `--int8-activations` multiplies in integers
 instead (kernels/int8_linear.c): each token's features are rounded to int8 per block of
 32, as llama.cpp does for GGUF models, and dotted with the weight blocks by the CPU's
-VNNI instructions, at 1.25 (in the model) to 1.4 (alone) times the rate of the bf16
-product. The weights stay
-exact; the activations' rounding moves the logits further from float32 than bf16 does
-(README, "int8 activations").
+VNNI instructions, at 1.1 to 1.45 times the rate of the bf16 product
+(benchmark/scripts/int8_linear.py). The weights stay exact; the activations' rounding
+moves the logits further from float32 than bf16 does (README, "int8 activations").
 """
 
 from __future__ import annotations
@@ -131,7 +130,8 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     """x [T, in] bf16 @ W^T, x rounded to int8 per 32 features: [T, out] bf16."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     num_tokens = x.shape[0]
-    needed = num_tokens * (weight.in_features + weight.in_features // 32 * 8)
+    # int8 rows, then two floats per 32 features; 8 more rows pad the kernel's last tile
+    needed = (num_tokens + 8) * (weight.in_features + weight.in_features // 32 * 8)
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < needed:
         # NOTE: kept and reused: a fresh buffer of megabytes per call costs page faults.
