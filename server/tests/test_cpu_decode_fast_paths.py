@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,6 +72,7 @@ def test_decode_attention_matches_sdpa_over_the_paged_context(dtype, decode):
         (8, 2, 128, 5, [3, 64]),
         (4, 1, 64, 4, [9, 31]),
         (2, 2, 64, 16, [33]),
+        (9, 3, 64, 32, [5, 45, 70]),  # blocks longer than the 16 tokens scored at once
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -219,3 +225,41 @@ def test_native_rotary_refuses_positions_past_its_table():
     with pytest.raises(IndexError):
         rotary(torch.tensor([16]), q, k)
     rotary(torch.tensor([15]), q, k)  # the last position is fine
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has("avx512f"), reason="the AVX-512 path needs an AVX-512 CPU")
+def test_the_avx512_path_without_avx512_bf16_matches_sdpa(tmp_path):
+    """CPUs with AVX-512 but no AVX512_BF16 take float32 products for q . k and p . v."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    source = Path(kernels.__file__).parent / "paged_attention.c"
+    built = tmp_path / "no_bf16.so"
+    flags = ["-O2", "-march=native", "-mno-avx512bf16", "-fopenmp", "-shared", "-fPIC"]
+    subprocess.run([compiler, *flags, "-std=c11", str(source), "-o", str(built), "-lm"], check=True)
+    library = ctypes.CDLL(str(built))
+    library.textgen_paged_decode.argtypes = kernels.paged_attention().textgen_paged_decode.argtypes
+    torch.manual_seed(2)
+    hq, hkv, d, block_size, lengths = 9, 3, 64, 16, [1, 17, 45]
+    num_blocks = sum(-(-n // block_size) for n in lengths)
+    key = (3 * torch.randn(num_blocks, block_size, hkv, d)).bfloat16()
+    value = torch.randn(num_blocks, block_size, hkv, d).bfloat16()
+    tables = [[0, 0, 0], [1, 2, 0], [3, 4, 5]]
+    q = torch.randn(len(lengths), hq, d).bfloat16()
+    meta = AttentionMetadata(
+        slots=torch.zeros(len(lengths), dtype=torch.long),
+        query_lens=[1] * len(lengths),
+        context_lens=torch.tensor(lengths),
+        block_tables=torch.tensor(tables),
+        block_size=block_size,
+        max_context_len=max(lengths),
+    )
+    out = _native_decode(library, q, LayerCache(key, value), meta)
+    for b, n in enumerate(lengths):
+        expected = _reference(q[b], key, value, tables[b], n)
+        torch.testing.assert_close(out[b].double(), expected, atol=8e-3, rtol=8e-3)

@@ -19,9 +19,12 @@
  * does). Built by textgen.server.kernels at first use with the host compiler.
  *
  * With AVX-512, bf16 caches whose head_dim is a multiple of 64 and which have at most 4
- * query heads per KV head take `decode_sequence_bf16`: per KV head and 64-dimension
- * chunk, the group's query rows and output accumulators live in vector registers while
- * the tokens stream by. Other shapes take the portable `decode_sequence`.
+ * query heads per KV head take `decode_sequence_bf16`, which walks the block table block
+ * by block, prefetching ahead, and keeps query chunks and output rows in vector
+ * registers. Where the CPU has AVX512_BF16 its products are vdpbf16ps: q . k exact
+ * products summed in float32 as before, and the probabilities rounded to bf16 for the
+ * weighted sum of values (the rounding a bf16 attention matmul makes), summed in
+ * float32. Other shapes take the portable `decode_sequence`.
  */
 
 #include <math.h>
@@ -135,7 +138,6 @@ static void decode_sequence(
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
-#define CHUNK 4 /* zmm vectors of 16 floats per row chunk: 64 dimensions */
 
 /* 16 bf16 at `src` widened to float32. */
 static inline __m512 load16_bf16(const uint16_t *src) {
@@ -143,10 +145,180 @@ static inline __m512 load16_bf16(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* decode_sequence for bf16 with head_dim a multiple of 64 and G query heads per KV head:
- * the same three passes, with the G query rows (pass 1) and the G output rows (pass 3)
- * of one 64-dimension chunk held in registers while the tokens stream by. G is a
- * compile-time constant at each call site, so the accumulators stay in registers. */
+/* sums[i] = the sum of the 16 lanes of v[i]: a transposing tree of adds, about three
+ * instructions per vector instead of a full horizontal reduction each. Lane order of
+ * the result: v[0], v[1], ..., v[15]. */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 w[8], x[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit block: (a0+a2, b0+b2, a1+a3, b1+b3) */
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per block: vectors 4i..4i+3, over that block's lanes */
+        const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+        x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
+    const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], even),
+                                    _mm512_shuffle_f32x4(x[0], x[1], odd));
+    const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], even),
+                                    _mm512_shuffle_f32x4(x[2], x[3], odd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, even), _mm512_shuffle_f32x4(y0, y1, odd));
+}
+
+#if defined(__AVX512BF16__)
+/* 64 dimensions of q . k as 16 partial sums: bf16 pairs multiplied exactly, summed in
+ * float32 (vdpbf16ps). `qv` holds the query chunk as loaded, two vectors of 32 bf16. */
+typedef __m512i QueryChunk[2];
+static inline void query_chunk(QueryChunk qv, const uint16_t *src) {
+    qv[0] = _mm512_loadu_si512(src);
+    qv[1] = _mm512_loadu_si512(src + 32);
+}
+static inline __m512 dot_partial(const QueryChunk qv, const uint16_t *k) {
+    __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qv[0],
+                                  (__m512bh)_mm512_loadu_si512(k));
+    return _mm512_dpbf16_ps(sum, (__m512bh)qv[1], (__m512bh)_mm512_loadu_si512(k + 32));
+}
+#else
+/* The same without AVX512_BF16: the query chunk widened once, keys widened per token. */
+typedef __m512 QueryChunk[4];
+static inline void query_chunk(QueryChunk qv, const uint16_t *src) {
+    for (int i = 0; i < 4; i++) qv[i] = load16_bf16(src + 16 * i);
+}
+static inline __m512 dot_partial(const QueryChunk qv, const uint16_t *k) {
+    __m512 sum = _mm512_mul_ps(qv[0], load16_bf16(k));
+    for (int i = 1; i < 4; i++) sum = _mm512_fmadd_ps(qv[i], load16_bf16(k + 16 * i), sum);
+    return sum;
+}
+#endif
+
+/* Prefetch distance of pass 1, in cache blocks: their keys to L1, their values to L2
+ * for pass 3. */
+#define PREFETCH_BLOCKS 2
+
+#if defined(__AVX512BF16__)
+/* Pass 3 with vdpbf16ps: the probabilities are rounded to bf16 (`probs`: per query
+ * head, context + 1 of them, the last 0, where its float scores were) and two tokens' values are interleaved so that
+ * one instruction adds p[t] * v[t] + p[t+1] * v[t+1] for 16 dimensions. Lane l of
+ * acc[j] holds dimension 32 * (j / 2) + 8 * (l / 4) + 4 * (j % 2) + l % 4. */
+static inline __attribute__((always_inline)) void values_pass(
+    const uint16_t *value, const uint16_t *probs, float *rows, const int64_t *table,
+    int64_t context, int64_t num_blocks, int64_t num_kv_heads, int64_t block_size,
+    int64_t block_stride, int64_t token_stride, int64_t head_stride, int64_t c,
+    const int G) {
+    const int64_t stride = 2 * context; /* per query head: the room of its float scores */
+    for (int64_t blk = 0; blk < num_blocks; blk++) {
+        const uint16_t *base = value + table[blk] * block_stride + c;
+        const int64_t first = blk * block_size;
+        const int64_t in_block = context - first < block_size ? context - first : block_size;
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            __m512 acc[4][4];
+            for (int g = 0; g < G; g++)
+                for (int j = 0; j < 4; j++)
+                    acc[g][j] = _mm512_loadu_ps(rows + (h * G + g) * 64 + 16 * j);
+            const uint16_t *p = probs + h * G * stride + first;
+            for (int64_t i = 0; i < in_block; i += 2) {
+                const uint16_t *v = base + i * token_stride + h * head_stride;
+                const __m512i a0 = _mm512_loadu_si512(v), a1 = _mm512_loadu_si512(v + 32);
+                __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                if (i + 1 < in_block) { /* else the pair's second token is zeros */
+                    b0 = _mm512_loadu_si512(v + token_stride);
+                    b1 = _mm512_loadu_si512(v + token_stride + 32);
+                }
+                const __m512i pairs[4] = {
+                    _mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
+                    _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1),
+                };
+                for (int g = 0; g < G; g++) {
+                    uint32_t two;
+                    memcpy(&two, p + g * stride + i, sizeof two);
+                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)two);
+                    for (int j = 0; j < 4; j++)
+                        acc[g][j] = _mm512_dpbf16_ps(acc[g][j], w, (__m512bh)pairs[j]);
+                }
+            }
+            for (int g = 0; g < G; g++)
+                for (int j = 0; j < 4; j++)
+                    _mm512_storeu_ps(rows + (h * G + g) * 64 + 16 * j, acc[g][j]);
+        }
+    }
+}
+
+static inline int64_t row_dim(int j, int lane) {
+    return 32 * (j / 2) + 8 * (lane / 4) + 4 * (j % 2) + lane % 4;
+}
+
+/* Softmax numerators to bf16, in place: row `sc` of `context` floats becomes
+ * context + 1 bf16 (the last 0), each element written after it has been read. */
+static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
+    uint16_t *dst = (uint16_t *)sc;
+    const __m512 scale = _mm512_set1_ps(inv);
+    for (int64_t t = 0; t < context; t += 16) {
+        const int n = context - t < 16 ? (int)(context - t) : 16;
+        const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sc + t), scale);
+        const __m256bh y = _mm512_cvtneps_pbh(x);
+        _mm256_mask_storeu_epi16(dst + t, mask, (__m256i)y);
+    }
+    dst[context] = 0;
+}
+#else
+/* Pass 3 without AVX512_BF16: float32 products, each 32 bf16 of a value row widened as
+ * its even and odd elements (a shift and a mask). Lane l of acc[j] holds dimension
+ * 32 * (j / 2) + 2 * l + j % 2. */
+static inline __attribute__((always_inline)) void values_pass(
+    const uint16_t *value, const float *probs, float *rows, const int64_t *table,
+    int64_t context, int64_t num_blocks, int64_t num_kv_heads, int64_t block_size,
+    int64_t block_stride, int64_t token_stride, int64_t head_stride, int64_t c,
+    const int G) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t blk = 0; blk < num_blocks; blk++) {
+        const uint16_t *base = value + table[blk] * block_stride + c;
+        const int64_t first = blk * block_size;
+        const int64_t in_block = context - first < block_size ? context - first : block_size;
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            __m512 acc[4][4];
+            for (int g = 0; g < G; g++)
+                for (int j = 0; j < 4; j++)
+                    acc[g][j] = _mm512_loadu_ps(rows + (h * G + g) * 64 + 16 * j);
+            const float *p = probs + h * G * context + first;
+            for (int64_t i = 0; i < in_block; i++) {
+                const uint16_t *v = base + i * token_stride + h * head_stride;
+                const __m512i lo = _mm512_loadu_si512(v), hi = _mm512_loadu_si512(v + 32);
+                const __m512 vv[4] = {
+                    _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)),
+                    _mm512_castsi512_ps(_mm512_and_si512(lo, high)),
+                    _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)),
+                    _mm512_castsi512_ps(_mm512_and_si512(hi, high)),
+                };
+                for (int g = 0; g < G; g++) {
+                    const __m512 w = _mm512_set1_ps(p[g * context + i]);
+                    for (int j = 0; j < 4; j++) acc[g][j] = _mm512_fmadd_ps(w, vv[j], acc[g][j]);
+                }
+            }
+            for (int g = 0; g < G; g++)
+                for (int j = 0; j < 4; j++)
+                    _mm512_storeu_ps(rows + (h * G + g) * 64 + 16 * j, acc[g][j]);
+        }
+    }
+}
+
+static inline int64_t row_dim(int j, int lane) { return 32 * (j / 2) + 2 * lane + j % 2; }
+
+static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
+    for (int64_t t = 0; t < context; t++) sc[t] *= inv;
+}
+#endif
+
+/* decode_sequence for bf16 with head_dim a multiple of 64 and G query heads per KV head,
+ * walking the block table block by block (no division per token):
+ *   pass 1, per cache block and 16 of its tokens at a time: every KV head's keys (one
+ *     contiguous stretch of the cache) against the group's query chunks, 16 scores
+ *     summed at once by `sum16`, while later blocks are prefetched;
+ *   pass 2 as the portable path;
+ *   pass 3 (`values_pass`), per 64-dimension chunk and block: a KV head's G output rows
+ *     are loaded into registers for the block's tokens and put back (the rows of all
+ *     heads would not fit the registers at once). */
 static inline __attribute__((always_inline)) void decode_sequence_bf16(
     const uint16_t *q, const uint16_t *key, const uint16_t *value, uint16_t *out,
     const int64_t *table, int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads,
@@ -154,63 +326,82 @@ static inline __attribute__((always_inline)) void decode_sequence_bf16(
     int64_t head_stride, float scale, const int G, float *scratch) {
     float *scores = scratch; /* [Hq, context] */
     const uint16_t *qs = q + seq * num_heads * head_dim;
-    for (int64_t h = 0; h < num_kv_heads; h++) {
-        for (int64_t t = 0; t < context; t++) /* zero: pass 1 adds chunk by chunk */
-            for (int g = 0; g < G; g++) scores[(h * G + g) * context + t] = 0.0f;
-        for (int64_t c = 0; c < head_dim; c += 16 * CHUNK) {
-            __m512 qv[8][CHUNK];
-            for (int g = 0; g < G; g++)
-                for (int i = 0; i < CHUNK; i++)
-                    qv[g][i] = load16_bf16(qs + (h * G + g) * head_dim + c + 16 * i);
-            for (int64_t t = 0; t < context; t++) {
-                const uint16_t *k = key + token_offset(table, t, block_size, block_stride,
-                                                       token_stride) + h * head_stride + c;
-                __m512 kv[CHUNK];
-                for (int i = 0; i < CHUNK; i++) kv[i] = load16_bf16(k + 16 * i);
-                for (int g = 0; g < G; g++) {
-                    __m512 sum = _mm512_mul_ps(qv[g][0], kv[0]);
-                    for (int i = 1; i < CHUNK; i++) sum = _mm512_fmadd_ps(qv[g][i], kv[i], sum);
-                    scores[(h * G + g) * context + t] += _mm512_reduce_add_ps(sum);
+    const int64_t num_blocks = (context + block_size - 1) / block_size;
+    for (int64_t c = 0; c < head_dim; c += 64) {
+        for (int64_t blk = 0; blk < num_blocks; blk++) {
+            const uint16_t *base = key + table[blk] * block_stride + c;
+            const int64_t first = blk * block_size;
+            const int64_t in_block = context - first < block_size ? context - first : block_size;
+            if (c == 0 && blk + PREFETCH_BLOCKS < num_blocks) {
+                const int64_t ahead = table[blk + PREFETCH_BLOCKS] * block_stride;
+                for (int64_t i = 0; i < block_size; i++)
+                    for (int64_t h = 0; h < num_kv_heads; h++)
+                        for (int64_t d = 0; d < head_dim; d += 32) {
+                            const int64_t at = ahead + i * token_stride + h * head_stride + d;
+                            _mm_prefetch((const char *)(key + at), _MM_HINT_T0);
+                            _mm_prefetch((const char *)(value + at), _MM_HINT_T1);
+                        }
+            }
+            for (int64_t t0 = 0; t0 < in_block; t0 += 16) {
+                const int n = in_block - t0 < 16 ? (int)(in_block - t0) : 16;
+                const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+                for (int64_t h = 0; h < num_kv_heads; h++) {
+                    const uint16_t *k = base + t0 * token_stride + h * head_stride;
+                    for (int g = 0; g < G; g++) {
+                        QueryChunk qv;
+                        query_chunk(qv, qs + (h * G + g) * head_dim + c);
+                        __m512 part[16];
+                        if (n == 16) {
+                            for (int i = 0; i < 16; i++)
+                                part[i] = dot_partial(qv, k + i * token_stride);
+                        } else {
+                            for (int i = 0; i < 16; i++)
+                                part[i] = i < n ? dot_partial(qv, k + i * token_stride)
+                                                : _mm512_setzero_ps();
+                        }
+                        float *dst = scores + (h * G + g) * context + first + t0;
+                        __m512 sums = sum16(part);
+                        if (c > 0) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(mask, dst));
+                        _mm512_mask_storeu_ps(dst, mask, sums);
+                    }
                 }
             }
         }
     }
+    const __m512 scale16 = _mm512_set1_ps(scale);
     for (int64_t head = 0; head < num_heads; head++) {
         float *sc = scores + head * context;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < context; t++) {
-            sc[t] *= scale;
-            top = sc[t] > top ? sc[t] : top;
+        __m512 top16 = _mm512_set1_ps(-INFINITY); /* the max in vectors: it does not
+                                                     vectorize by itself (NaN order) */
+        for (int64_t t = 0; t < context; t += 16) {
+            const int n = context - t < 16 ? (int)(context - t) : 16;
+            const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+            const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sc + t), scale16);
+            _mm512_mask_storeu_ps(sc + t, mask, x);
+            top16 = _mm512_mask_max_ps(top16, mask, top16, x);
         }
+        const float top = _mm512_reduce_max_ps(top16);
         float sum = 0.0f;
         for (int64_t t = 0; t < context; t++) sc[t] = exp_nonpositive(sc[t] - top);
         for (int64_t t = 0; t < context; t++) sum += sc[t];
-        const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < context; t++) sc[t] *= inv;
+        probs_to_bf16(sc, context, 1.0f / sum);
     }
-    for (int64_t h = 0; h < num_kv_heads; h++) {
-        for (int64_t c = 0; c < head_dim; c += 16 * CHUNK) {
-            __m512 acc[8][CHUNK];
-            for (int g = 0; g < G; g++)
-                for (int i = 0; i < CHUNK; i++) acc[g][i] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < context; t++) {
-                const uint16_t *v = value + token_offset(table, t, block_size, block_stride,
-                                                         token_stride) + h * head_stride + c;
-                __m512 vv[CHUNK];
-                for (int i = 0; i < CHUNK; i++) vv[i] = load16_bf16(v + 16 * i);
-                for (int g = 0; g < G; g++) {
-                    const __m512 p = _mm512_set1_ps(scores[(h * G + g) * context + t]);
-                    for (int i = 0; i < CHUNK; i++) acc[g][i] = _mm512_fmadd_ps(p, vv[i], acc[g][i]);
-                }
-            }
-            for (int g = 0; g < G; g++) {
-                uint16_t *o = out + (seq * num_heads + h * G + g) * head_dim + c;
-                for (int i = 0; i < CHUNK; i++) {
-                    float lanes[16];
-                    _mm512_storeu_ps(lanes, acc[g][i]);
-                    for (int j = 0; j < 16; j++) o[16 * i + j] = float_to_bf16(lanes[j]);
-                }
-            }
+#if defined(__AVX512BF16__)
+    const uint16_t *probs = (const uint16_t *)scores;
+#else
+    const float *probs = scores;
+#endif
+    float *rows = scores + num_heads * context; /* [Hq, 64] */
+    for (int64_t c = 0; c < head_dim; c += 64) {
+        memset(rows, 0, (size_t)(num_heads * 64) * sizeof(float));
+        values_pass(value, probs, rows, table, context, num_blocks, num_kv_heads, block_size,
+                    block_stride, token_stride, head_stride, c, G);
+        for (int64_t head = 0; head < num_heads; head++) {
+            const float *row = rows + head * 64;
+            uint16_t *o = out + (seq * num_heads + head) * head_dim + c;
+            for (int j = 0; j < 4; j++)
+                for (int lane = 0; lane < 16; lane++)
+                    o[row_dim(j, lane)] = float_to_bf16(row[16 * j + lane]);
         }
     }
 }
@@ -222,7 +413,7 @@ static int decode_sequence_fast(
     int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
     float scale, int kind, float *scratch) {
-    if (kind != 1 || head_dim % (16 * CHUNK)) return 1;
+    if (kind != 1 || head_dim % 64) return 1;
 #define FAST(G)                                                                               \
     decode_sequence_bf16(q, key, value, out, table, context, seq, num_heads, num_kv_heads,   \
                          head_dim, block_size, block_stride, token_stride, head_stride,     \
