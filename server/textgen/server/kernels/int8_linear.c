@@ -176,7 +176,9 @@ int textgen_int8_linear(const uint16_t *x, int64_t x_stride, const uint8_t *u, c
             quantize_row(x + t * x_stride, k, q + t * k, d_x + t * kb, s_x + t * kb);
         /* implicit barrier: every row is quantized before any product reads it */
         const int64_t chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp for collapse(2) schedule(static)
+        /* dynamic: the router shares the cores, and a thread it preempts no longer
+         * holds back a fixed half of the tiles (same rate as static when alone) */
+#pragma omp for collapse(2) schedule(dynamic)
         for (int64_t c = 0; c < chunks; c++)
             for (int64_t tile = 0; tile < tiles; tile++) {
                 const int64_t end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
