@@ -349,3 +349,24 @@ async def test_a_failed_chunk_step_fails_the_chunked_request_too():
     h.steps(10)
     assert await h.result(again) == "zz"
     h.close()
+
+
+async def test_a_steps_tokens_reach_the_streams_after_the_next_step_is_sent():
+    """The streams' wake-ups queue behind the next request to the shards: the shards start
+    the next step before the handlers format and write the last step's tokens."""
+    h = Harness({"a": "abcd"})
+    entry = make_entry(1, "a")
+    events_at_send = []
+    decode = h.shard.decode
+
+    def decode_and_look(batches, token_masks=()):
+        events_at_send.append(entry.events.qsize())  # the request is created here
+        return decode(batches, token_masks)
+
+    h.shard.decode = decode_and_look
+    h.queue.append(entry)
+    assert await h.result(entry) == "abcd"
+    # The prefill gave "a", the decodes "b", "c", "d" and EOS: each decode was sent while
+    # the token before it was still held back (0, 1, 2, 3 events queued, never one more).
+    assert events_at_send == [0, 1, 2, 3]
+    h.close()

@@ -8,8 +8,9 @@ generations. An error from any shard fails the step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
@@ -23,6 +24,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,17 @@ class ShardClient:
         await asyncio.gather(*(channel.close() for channel in self._channels))
 
     async def _all(self, method: str, request: object) -> list:
+        return await self._start(method, request)
+
+    def _start(self, method: str, request: object) -> Awaitable[list]:
+        """Send `request` to every shard now; the awaitable gives their replies.
+
+        The calls are created before this returns, so their sends are queued on the event
+        loop ahead of anything the caller schedules next (see `Scheduler._publish`).
+        """
         metadata = trace_metadata()
-        return await asyncio.gather(
-            *(getattr(stub, method)(request, metadata=metadata) for stub in self._stubs)
-        )
+        calls = [getattr(stub, method)(request, metadata=metadata) for stub in self._stubs]
+        return asyncio.gather(*calls)
 
     async def info(self) -> pb.InfoResponse:
         return (await self._all("Info", pb.InfoRequest()))[0]
@@ -78,29 +88,41 @@ class ShardClient:
         replies = await self._all("Warmup", request)
         return min(reply.num_blocks for reply in replies)
 
-    async def prefill(
+    # Prefill, Decode and FilterBatch are sent when called, not when awaited.
+
+    def prefill(
         self,
         batch: pb.Batch,
         token_masks: Sequence[pb.TokenMask] = (),
         cached_batch: pb.CachedBatch | None = None,
-    ) -> StepResult:
+    ) -> Awaitable[StepResult]:
         """Prefill `batch`; `cached_batch`, if given, decodes in the same forward."""
         request = pb.PrefillRequest(batch=batch, token_masks=token_masks, cached_batch=cached_batch)
-        return _step_result((await self._all("Prefill", request))[0])
+        return _first(self._start("Prefill", request), _step_result)
 
-    async def decode(
+    def decode(
         self, batches: list[pb.CachedBatch], token_masks: Sequence[pb.TokenMask] = ()
-    ) -> StepResult:
+    ) -> Awaitable[StepResult]:
         request = pb.DecodeRequest(batches=batches, token_masks=token_masks)
-        return _step_result((await self._all("Decode", request))[0])
+        return _first(self._start("Decode", request), _step_result)
 
-    async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch | None:
+    def filter_batch(
+        self, batch_id: int, request_ids: list[int]
+    ) -> Awaitable[pb.CachedBatch | None]:
         request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)
-        reply = (await self._all("FilterBatch", request))[0]
-        return reply.batch if reply.HasField("batch") else None
+        return _first(self._start("FilterBatch", request), _kept_batch)
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         await self._all("ClearCache", pb.ClearCacheRequest(id=batch_id))
+
+
+async def _first(replies: Awaitable[list], convert: Callable[[Any], T]) -> T:
+    """Rank 0's reply, converted (the shards' replies agree)."""
+    return convert((await replies)[0])
+
+
+def _kept_batch(reply: pb.FilterBatchResponse) -> pb.CachedBatch | None:
+    return reply.batch if reply.HasField("batch") else None
 
 
 def _step_result(reply: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:

@@ -172,6 +172,8 @@ class Entry:
         """The request's tracing span (a non-recording one when tracing is off)."""
         self.guide = None if request.grammar is None else request.grammar.new_guide()
         """The grammar's state: advanced by every token, it gives the next step's token mask."""
+        self._held: list[StreamEvent] = []
+        """Events `add_token(hold=True)` kept back until `release`."""
 
     @property
     def done(self) -> bool:
@@ -184,8 +186,11 @@ class Entry:
             for i, lp in zip(ids, logprobs, strict=True)
         )
 
-    def add_token(self, token_id: int, logprob: float, top: tuple[Token, ...]) -> StreamEvent:
-        """Record one generated token and queue its stream event."""
+    def add_token(
+        self, token_id: int, logprob: float, top: tuple[Token, ...], hold: bool = False
+    ) -> StreamEvent:
+        """Record one generated token and queue its stream event (or, with `hold`, keep it
+        back until `release`)."""
         now = time.monotonic()
         if self.num_generated == 0:
             self.timings.first_token = now
@@ -206,18 +211,29 @@ class Entry:
             self.timings.finished = now
             ending = self._ending(finish_reason)
         event = StreamEvent(token, top, ending)
-        self.events.put_nowait(event)
+        if hold:
+            self._held.append(event)
+        else:
+            self.events.put_nowait(event)
         return event
+
+    def release(self) -> None:
+        """Queue the events held back, in order (waking the handler that streams them)."""
+        for event in self._held:
+            self.events.put_nowait(event)
+        self._held.clear()
 
     def cancel(self) -> None:
         """The client went away: the scheduler drops the request at its next step."""
         if not self.done:
             self.cancelled = True
+            self.release()
             self.events.put_nowait(RouterError("client disconnected"))
 
     def fail(self, error: RouterError) -> None:
         if not self.finished:
             self.finished = True
+            self.release()
             self.events.put_nowait(error)
 
     def _finish_reason(self, token: Token) -> FinishReason | None:

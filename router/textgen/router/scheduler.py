@@ -104,6 +104,8 @@ class Scheduler:
         self._batch_ids = itertools.count()
         self._prefilling: list[Entry] = []
         """Admitted requests whose prompt is part-way through a chunked prefill."""
+        self._held: list[Entry] = []
+        """Entries whose new tokens wait for `_publish` (sent after the next step's request)."""
         self.last_step_ok = 0.0
         """Monotonic time of the last step that succeeded (read by /health)."""
         self.num_running = 0
@@ -142,6 +144,7 @@ class Scheduler:
             else:
                 break
             stepped = True
+        self._publish()
         self.num_running = 0
         self.current_max_tokens = 0
         return stepped
@@ -232,7 +235,9 @@ class Scheduler:
             with self._tracing.step("prefill", entries):
                 masks = self._token_masks(everyone.values())
                 cached = running.cached if running is not None else None
-                result = await self._client.prefill(batch, masks, cached)
+                pending = self._client.prefill(batch, masks, cached)
+                self._publish()
+                result = await pending
         except Exception as error:  # a shard error, or a bug: fail the step, keep serving
             self._metrics.step_failed("prefill")
             self._prefilling = [e for e in self._prefilling if e.id not in everyone]
@@ -263,7 +268,9 @@ class Scheduler:
         try:
             with self._tracing.step("decode", entries.values()):
                 masks = self._token_masks(entries.values())
-                result = await self._client.decode([live.cached], masks)
+                pending = self._client.decode([live.cached], masks)
+                self._publish()
+                result = await pending
         except Exception as error:  # a shard error, or a bug: fail the step, keep serving
             self._metrics.step_failed("decode")
             await self._fail(list(entries.values()), [live.cached.id], error)
@@ -280,6 +287,7 @@ class Scheduler:
             entry = entries[generation.request_id]
             if not entry.done:
                 _deliver(entry, generation)
+                self._held.append(entry)
         if result.batch is None:
             return None
         return await self._drop_done(RunningBatch(result.batch, entries, self.last_step_ok))
@@ -293,7 +301,9 @@ class Scheduler:
             self._release(entry)
             del running.entries[entry.id]
         try:
-            cached = await self._client.filter_batch(running.cached.id, list(running.entries))
+            pending = self._client.filter_batch(running.cached.id, list(running.entries))
+            self._publish()
+            cached = await pending
         except grpc.aio.AioRpcError as error:
             await self._fail(list(running.entries.values()), [running.cached.id], error)
             return None
@@ -302,6 +312,7 @@ class Scheduler:
         return RunningBatch(cached, running.entries, running.delivered_at)
 
     async def _fail(self, entries: list[Entry], batch_ids: list[int], error: Exception) -> None:
+        self._publish()
         if isinstance(error, grpc.aio.AioRpcError):
             message = error.details()
             logger.error("step failed for %d request(s): %s", len(entries), message)
@@ -316,6 +327,18 @@ class Scheduler:
                 await self._client.clear_cache(batch_id)
             except grpc.aio.AioRpcError as clear_error:
                 logger.error("clearing batch %d failed: %s", batch_id, clear_error.details())
+
+    def _publish(self) -> None:
+        """Hand the last step's tokens to the requests' streams.
+
+        Called once the next request to the shards has been created: the wake-ups of
+        the streaming handlers (which format and write every request's event) then
+        queue behind that request's send on the event loop, so the shards start the
+        next step at once and the handlers run while it computes.
+        """
+        for entry in self._held:
+            entry.release()
+        self._held.clear()
 
     def _token_masks(self, entries: Iterable[Entry]) -> list[pb.TokenMask]:
         """The next step's allowed tokens of every request that has a grammar."""
@@ -361,7 +384,7 @@ def _deliver(entry: Entry, generation: pb.Generation) -> None:
         top: tuple[Token, ...] = ()
         if index < len(generation.top_tokens):
             top = _top_tokens(entry, generation.top_tokens[index])
-        entry.add_token(token_id, logprob, top)
+        entry.add_token(token_id, logprob, top, hold=True)
         if entry.done:
             break
 
