@@ -27,7 +27,9 @@ SCENARIOS = {
     "single": (1, 3, 200, 64),
     "c16": (16, 16, 200, 64),
     "c64": (64, 64, 200, 128),
+    "c128": (128, 128, 200, 128),  # beyond the scenarios: the load past c64
 }
+DEFAULT_SCENARIOS = ["single", "c16", "c64"]
 
 
 def run_one(url: str, api: str, model: str, scenario: str, seed: int = 0) -> dict:
@@ -75,7 +77,7 @@ def main() -> None:
     parser.add_argument("--vllm", default="http://127.0.0.1:8011")
     parser.add_argument("--vllm-model", default="smollm2")
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--scenario", nargs="+", default=DEFAULT_SCENARIOS, choices=list(SCENARIOS))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--transformers-requests", type=int, default=2)
     parser.add_argument("--out", default="side_by_side.json")
@@ -88,6 +90,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     results: dict = {"scenarios": {}}
+    # transformers runs before and after the servers and is compared by the mean of the
+    # two: a shared machine's speed drifts by 10-20 % over the minutes of a run.
+    baseline = []
+    if args.transformers_requests:
+        baseline.append(_transformers(args, "before"))
     for scenario_index, scenario in enumerate(args.scenario):
         rounds = []
         for round_index in range(args.rounds):
@@ -100,12 +107,21 @@ def main() -> None:
         results["scenarios"][scenario] = {"rounds": rounds, "median_ratios": ratios}
         print(scenario, "median ratios textgen/vllm:", ratios, flush=True)
     if args.transformers_requests:
-        results["transformers"] = transformers_baseline(
-            args.model_dir, "bfloat16", args.transformers_requests
-        )
-        print("transformers generate, one at a time:", results["transformers"])
+        baseline.append(_transformers(args, "after"))
+        mean = statistics.mean(run["output_tokens_per_s"] for run in baseline)
+        results["transformers"] = {"before": baseline[0], "after": baseline[1], "mean": mean}
+        for scenario, found in results["scenarios"].items():
+            rates = [r["textgen"]["output_tokens_per_s"] for r in found["rounds"]]
+            found["textgen_over_transformers"] = statistics.median(rates) / mean
+            print(scenario, f"textgen / transformers: {statistics.median(rates) / mean:.1f}x")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+
+
+def _transformers(args: argparse.Namespace, when: str) -> dict:
+    found = transformers_baseline(args.model_dir, "bfloat16", args.transformers_requests)
+    print(f"transformers generate, one at a time ({when}):", found, flush=True)
+    return found
 
 
 def _line(level: dict) -> str:
