@@ -36,6 +36,18 @@ def _reference(q, key, value, table: list[int], length: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q.double().unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
 
 
+def _decode_metadata(lengths: list[int], tables: list[list[int]], block_size: int):
+    """One decode token per sequence over contexts of `lengths` tokens."""
+    return AttentionMetadata(
+        slots=torch.zeros(len(lengths), dtype=torch.long),
+        query_lens=[1] * len(lengths),
+        context_lens=torch.tensor(lengths),
+        block_tables=torch.tensor(tables),
+        block_size=block_size,
+        max_context_len=max(lengths),
+    )
+
+
 @pytest.mark.parametrize("decode", [_decode, _native], ids=["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_sdpa_over_the_paged_context(dtype, decode):
@@ -88,14 +100,7 @@ def test_native_decode_on_awkward_shapes(hq, hkv, d, block_size, lengths, dtype)
         tables.append(order[used : used + count] + [0] * (max(blocks_per_seq) - count))
         used += count
     q = torch.randn(len(lengths), hq, d).to(dtype)
-    meta = AttentionMetadata(
-        slots=torch.zeros(len(lengths), dtype=torch.long),
-        query_lens=[1] * len(lengths),
-        context_lens=torch.tensor(lengths),
-        block_tables=torch.tensor(tables),
-        block_size=block_size,
-        max_context_len=max(lengths),
-    )
+    meta = _decode_metadata(lengths, tables, block_size)
     out = _native(q, LayerCache(key, value), meta)  # [B, Hq, D]
     assert out.dtype == dtype
     for b, n in enumerate(lengths):
@@ -251,14 +256,7 @@ def test_the_avx512_path_without_avx512_bf16_matches_sdpa(tmp_path):
     value = torch.randn(num_blocks, block_size, hkv, d).bfloat16()
     tables = [[0, 0, 0], [1, 2, 0], [3, 4, 5]]
     q = torch.randn(len(lengths), hq, d).bfloat16()
-    meta = AttentionMetadata(
-        slots=torch.zeros(len(lengths), dtype=torch.long),
-        query_lens=[1] * len(lengths),
-        context_lens=torch.tensor(lengths),
-        block_tables=torch.tensor(tables),
-        block_size=block_size,
-        max_context_len=max(lengths),
-    )
+    meta = _decode_metadata(lengths, tables, block_size)
     out = _native_decode(library, q, LayerCache(key, value), meta)
     for b, n in enumerate(lengths):
         expected = _reference(q[b], key, value, tables[b], n)

@@ -197,50 +197,38 @@ static inline __m512 dot_partial(const QueryChunk qv, const uint16_t *k) {
  * misses than L1 keeps in flight. */
 #define PREFETCH_BLOCKS 3
 
+/* Pass 3's inner loop, per AVX-512 flavour: `n` tokens of one KV head's values (the
+ * first at `v`) weighted by their probabilities `p[g * stride + i]` into the group's
+ * output rows `acc[g]`, four vectors of 16 floats per 64 dimensions. */
 #if defined(__AVX512BF16__)
-/* Pass 3 with vdpbf16ps: the probabilities are rounded to bf16 (`probs`: per query
- * head, context + 1 of them, the last 0, where its float scores were) and two tokens' values are interleaved so that
- * one instruction adds p[t] * v[t] + p[t+1] * v[t+1] for 16 dimensions. Lane l of
- * acc[j] holds dimension 32 * (j / 2) + 8 * (l / 4) + 4 * (j % 2) + l % 4. */
-static inline __attribute__((always_inline)) void values_pass(
-    const uint16_t *value, const uint16_t *probs, float *rows, const int64_t *table,
-    int64_t context, int64_t num_blocks, int64_t num_kv_heads, int64_t block_size,
-    int64_t block_stride, int64_t token_stride, int64_t head_stride, int64_t c,
-    const int G) {
-    const int64_t stride = 2 * context; /* per query head: the room of its float scores */
-    for (int64_t blk = 0; blk < num_blocks; blk++) {
-        const uint16_t *base = value + table[blk] * block_stride + c;
-        const int64_t first = blk * block_size;
-        const int64_t in_block = context - first < block_size ? context - first : block_size;
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            __m512 acc[4][4];
-            for (int g = 0; g < G; g++)
-                for (int j = 0; j < 4; j++)
-                    acc[g][j] = _mm512_loadu_ps(rows + (h * G + g) * 64 + 16 * j);
-            const uint16_t *p = probs + h * G * stride + first;
-            for (int64_t i = 0; i < in_block; i += 2) {
-                const uint16_t *v = base + i * token_stride + h * head_stride;
-                const __m512i a0 = _mm512_loadu_si512(v), a1 = _mm512_loadu_si512(v + 32);
-                __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
-                if (i + 1 < in_block) { /* else the pair's second token is zeros */
-                    b0 = _mm512_loadu_si512(v + token_stride);
-                    b1 = _mm512_loadu_si512(v + token_stride + 32);
-                }
-                const __m512i pairs[4] = {
-                    _mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
-                    _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1),
-                };
-                for (int g = 0; g < G; g++) {
-                    uint32_t two;
-                    memcpy(&two, p + g * stride + i, sizeof two);
-                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)two);
-                    for (int j = 0; j < 4; j++)
-                        acc[g][j] = _mm512_dpbf16_ps(acc[g][j], w, (__m512bh)pairs[j]);
-                }
-            }
-            for (int g = 0; g < G; g++)
-                for (int j = 0; j < 4; j++)
-                    _mm512_storeu_ps(rows + (h * G + g) * 64 + 16 * j, acc[g][j]);
+/* With vdpbf16ps: the probabilities are rounded to bf16 (per query head context + 1 of
+ * them, the last 0, where its float scores were) and two tokens' values are interleaved
+ * so that one instruction adds p[t] * v[t] + p[t+1] * v[t+1] for 16 dimensions. Lane l
+ * of acc[j] holds dimension 32 * (j / 2) + 8 * (l / 4) + 4 * (j % 2) + l % 4. */
+typedef uint16_t Prob;
+#define PROB_STRIDE(context) (2 * (context))
+
+static inline __attribute__((always_inline)) void value_tokens(
+    __m512 acc[4][4], const uint16_t *v0, int64_t token_stride, int64_t n, const Prob *p,
+    int64_t stride, const int G) {
+    for (int64_t i = 0; i < n; i += 2) {
+        const uint16_t *v = v0 + i * token_stride;
+        const __m512i a0 = _mm512_loadu_si512(v), a1 = _mm512_loadu_si512(v + 32);
+        __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+        if (i + 1 < n) { /* else the pair's second token is zeros */
+            b0 = _mm512_loadu_si512(v + token_stride);
+            b1 = _mm512_loadu_si512(v + token_stride + 32);
+        }
+        const __m512i pairs[4] = {
+            _mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
+            _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1),
+        };
+        for (int g = 0; g < G; g++) {
+            uint32_t two;
+            memcpy(&two, p + g * stride + i, sizeof two);
+            const __m512bh w = (__m512bh)_mm512_set1_epi32((int)two);
+            for (int j = 0; j < 4; j++)
+                acc[g][j] = _mm512_dpbf16_ps(acc[g][j], w, (__m512bh)pairs[j]);
         }
     }
 }
@@ -264,42 +252,28 @@ static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
     dst[context] = 0;
 }
 #else
-/* Pass 3 without AVX512_BF16: float32 products, each 32 bf16 of a value row widened as
- * its even and odd elements (a shift and a mask). Lane l of acc[j] holds dimension
+/* Without AVX512_BF16: float32 products, each 32 bf16 of a value row widened as its
+ * even and odd elements (a shift and a mask). Lane l of acc[j] holds dimension
  * 32 * (j / 2) + 2 * l + j % 2. */
-static inline __attribute__((always_inline)) void values_pass(
-    const uint16_t *value, const float *probs, float *rows, const int64_t *table,
-    int64_t context, int64_t num_blocks, int64_t num_kv_heads, int64_t block_size,
-    int64_t block_stride, int64_t token_stride, int64_t head_stride, int64_t c,
-    const int G) {
+typedef float Prob;
+#define PROB_STRIDE(context) (context)
+
+static inline __attribute__((always_inline)) void value_tokens(
+    __m512 acc[4][4], const uint16_t *v0, int64_t token_stride, int64_t n, const Prob *p,
+    int64_t stride, const int G) {
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    for (int64_t blk = 0; blk < num_blocks; blk++) {
-        const uint16_t *base = value + table[blk] * block_stride + c;
-        const int64_t first = blk * block_size;
-        const int64_t in_block = context - first < block_size ? context - first : block_size;
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            __m512 acc[4][4];
-            for (int g = 0; g < G; g++)
-                for (int j = 0; j < 4; j++)
-                    acc[g][j] = _mm512_loadu_ps(rows + (h * G + g) * 64 + 16 * j);
-            const float *p = probs + h * G * context + first;
-            for (int64_t i = 0; i < in_block; i++) {
-                const uint16_t *v = base + i * token_stride + h * head_stride;
-                const __m512i lo = _mm512_loadu_si512(v), hi = _mm512_loadu_si512(v + 32);
-                const __m512 vv[4] = {
-                    _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)),
-                    _mm512_castsi512_ps(_mm512_and_si512(lo, high)),
-                    _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)),
-                    _mm512_castsi512_ps(_mm512_and_si512(hi, high)),
-                };
-                for (int g = 0; g < G; g++) {
-                    const __m512 w = _mm512_set1_ps(p[g * context + i]);
-                    for (int j = 0; j < 4; j++) acc[g][j] = _mm512_fmadd_ps(w, vv[j], acc[g][j]);
-                }
-            }
-            for (int g = 0; g < G; g++)
-                for (int j = 0; j < 4; j++)
-                    _mm512_storeu_ps(rows + (h * G + g) * 64 + 16 * j, acc[g][j]);
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *v = v0 + i * token_stride;
+        const __m512i lo = _mm512_loadu_si512(v), hi = _mm512_loadu_si512(v + 32);
+        const __m512 vv[4] = {
+            _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(lo, high)),
+            _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(hi, high)),
+        };
+        for (int g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(p[g * stride + i]);
+            for (int j = 0; j < 4; j++) acc[g][j] = _mm512_fmadd_ps(w, vv[j], acc[g][j]);
         }
     }
 }
@@ -311,15 +285,39 @@ static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
 }
 #endif
 
+/* Pass 3 for one 64-dimension chunk `c`, block by block as pass 1: a KV head's G output
+ * rows are loaded into registers for the block's tokens and put back (the rows of all
+ * heads would not fit the registers at once). */
+static inline __attribute__((always_inline)) void values_pass(
+    const uint16_t *value, const Prob *probs, float *rows, const int64_t *table,
+    int64_t context, int64_t num_blocks, int64_t num_kv_heads, int64_t block_size,
+    int64_t block_stride, int64_t token_stride, int64_t head_stride, int64_t c,
+    const int G) {
+    const int64_t stride = PROB_STRIDE(context);
+    for (int64_t blk = 0; blk < num_blocks; blk++) {
+        const uint16_t *base = value + table[blk] * block_stride + c;
+        const int64_t first = blk * block_size;
+        const int64_t in_block = context - first < block_size ? context - first : block_size;
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            __m512 acc[4][4];
+            float *row = rows + h * G * 64;
+            for (int g = 0; g < G; g++)
+                for (int j = 0; j < 4; j++) acc[g][j] = _mm512_loadu_ps(row + g * 64 + 16 * j);
+            value_tokens(acc, base + h * head_stride, token_stride, in_block,
+                         probs + h * G * stride + first, stride, G);
+            for (int g = 0; g < G; g++)
+                for (int j = 0; j < 4; j++) _mm512_storeu_ps(row + g * 64 + 16 * j, acc[g][j]);
+        }
+    }
+}
+
 /* decode_sequence for bf16 with head_dim a multiple of 64 and G query heads per KV head,
  * walking the block table block by block (no division per token):
  *   pass 1, per cache block and 16 of its tokens at a time: every KV head's keys (one
  *     contiguous stretch of the cache) against the group's query chunks, 16 scores
  *     summed at once by `sum16`, while later blocks are prefetched;
- *   pass 2 as the portable path;
- *   pass 3 (`values_pass`), per 64-dimension chunk and block: a KV head's G output rows
- *     are loaded into registers for the block's tokens and put back (the rows of all
- *     heads would not fit the registers at once). */
+ *   pass 2 as the portable path, the maximum taken in vectors;
+ *   pass 3 per 64-dimension chunk: `values_pass`. */
 static inline __attribute__((always_inline)) void decode_sequence_bf16(
     const uint16_t *q, const uint16_t *key, const uint16_t *value, uint16_t *out,
     const int64_t *table, int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads,
@@ -387,11 +385,7 @@ static inline __attribute__((always_inline)) void decode_sequence_bf16(
         for (int64_t t = 0; t < context; t++) sum += sc[t];
         probs_to_bf16(sc, context, 1.0f / sum);
     }
-#if defined(__AVX512BF16__)
-    const uint16_t *probs = (const uint16_t *)scores;
-#else
-    const float *probs = scores;
-#endif
+    const Prob *probs = (const Prob *)scores;
     float *rows = scores + num_heads * context; /* [Hq, 64] */
     for (int64_t c = 0; c < head_dim; c += 64) {
         memset(rows, 0, (size_t)(num_heads * 64) * sizeof(float));
