@@ -112,8 +112,8 @@ def main() -> None:
         results["transformers"] = {"before": baseline[0], "after": baseline[1], "mean": mean}
         for scenario, found in results["scenarios"].items():
             rates = [r["textgen"]["output_tokens_per_s"] for r in found["rounds"]]
-            found["textgen_over_transformers"] = statistics.median(rates) / mean
-            print(scenario, f"textgen / transformers: {statistics.median(rates) / mean:.1f}x")
+            found["textgen_over_transformers"] = ratio = statistics.median(rates) / mean
+            print(scenario, f"textgen / transformers: {ratio:.1f}x")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
 

@@ -8,7 +8,8 @@ and the shards return one batch holding both. A request thus joins the running
 batch instead of waiting for it to drain, and the decodes ride along with the
 prefill's large matrix products instead of waiting for them. After every step
 each generated token goes to its request's entry, which decides whether it is
-finished (EOS, stop sequence, length); finished and cancelled requests leave the
+finished (EOS, stop sequence, length); its stream gets the token once the next step
+has been sent to the shards (see `_publish`). Finished and cancelled requests leave the
 batch through FilterBatch before the next step, and their KV blocks return to
 the allocator at once.
 
@@ -38,8 +39,9 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -55,6 +57,7 @@ from textgen.router.tracing import RouterTracing
 from textgen.router.watermark import WatermarkConfig
 
 logger = logging.getLogger("textgen.router.scheduler")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -235,9 +238,7 @@ class Scheduler:
             with self._tracing.step("prefill", entries):
                 masks = self._token_masks(everyone.values())
                 cached = running.cached if running is not None else None
-                pending = self._client.prefill(batch, masks, cached)
-                self._publish()
-                result = await pending
+                result = await self._sent(self._client.prefill(batch, masks, cached))
         except Exception as error:  # a shard error, or a bug: fail the step, keep serving
             self._metrics.step_failed("prefill")
             self._prefilling = [e for e in self._prefilling if e.id not in everyone]
@@ -268,9 +269,7 @@ class Scheduler:
         try:
             with self._tracing.step("decode", entries.values()):
                 masks = self._token_masks(entries.values())
-                pending = self._client.decode([live.cached], masks)
-                self._publish()
-                result = await pending
+                result = await self._sent(self._client.decode([live.cached], masks))
         except Exception as error:  # a shard error, or a bug: fail the step, keep serving
             self._metrics.step_failed("decode")
             await self._fail(list(entries.values()), [live.cached.id], error)
@@ -301,9 +300,8 @@ class Scheduler:
             self._release(entry)
             del running.entries[entry.id]
         try:
-            pending = self._client.filter_batch(running.cached.id, list(running.entries))
-            self._publish()
-            cached = await pending
+            filtered = self._client.filter_batch(running.cached.id, list(running.entries))
+            cached = await self._sent(filtered)
         except grpc.aio.AioRpcError as error:
             await self._fail(list(running.entries.values()), [running.cached.id], error)
             return None
@@ -328,13 +326,18 @@ class Scheduler:
             except grpc.aio.AioRpcError as clear_error:
                 logger.error("clearing batch %d failed: %s", batch_id, clear_error.details())
 
+    async def _sent(self, reply: Awaitable[T]) -> T:
+        """Await a shard call already sent, handing out the held tokens meanwhile."""
+        self._publish()
+        return await reply
+
     def _publish(self) -> None:
         """Hand the last step's tokens to the requests' streams.
 
-        Called once the next request to the shards has been created: the wake-ups of
-        the streaming handlers (which format and write every request's event) then
-        queue behind that request's send on the event loop, so the shards start the
-        next step at once and the handlers run while it computes.
+        Called once the next request to the shards has been created (`_sent`): the
+        wake-ups of the streaming handlers (which format and write every request's
+        event) then queue behind that request's send on the event loop, so the shards
+        start the next step at once and the handlers run while it computes.
         """
         for entry in self._held:
             entry.release()
