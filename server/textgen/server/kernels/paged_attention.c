@@ -233,8 +233,16 @@ static inline __attribute__((always_inline)) void value_tokens(
     }
 }
 
-static inline int64_t row_dim(int j, int lane) {
-    return 32 * (j / 2) + 8 * (lane / 4) + 4 * (j % 2) + lane % 4;
+/* For 32 dimensions held as acc[2 i], acc[2 i + 1]: which of their 32 lanes holds each
+ * dimension, first the 16 lower dimensions, then the 16 upper (see value_tokens). */
+static const int32_t ROW_ORDER[2][16] = {
+    {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
+    {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31},
+};
+
+/* 16 floats to bf16, rounded to nearest even (NaN stays NaN), as torch rounds. */
+static inline void store16_bf16(uint16_t *dst, __m512 x) {
+    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
 /* Softmax numerators to bf16, in place: row `sc` of `context` floats becomes
@@ -278,12 +286,37 @@ static inline __attribute__((always_inline)) void value_tokens(
     }
 }
 
-static inline int64_t row_dim(int j, int lane) { return 32 * (j / 2) + 2 * lane + j % 2; }
+static const int32_t ROW_ORDER[2][16] = {
+    {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23},
+    {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31},
+};
+
+static inline void store16_bf16(uint16_t *dst, __m512 x) {
+    __m512i bits = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+    bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
 
 static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
     for (int64_t t = 0; t < context; t++) sc[t] *= inv;
 }
 #endif
+
+/* A 64-dimension chunk of an output row, as value_tokens leaves it, to bf16 in
+ * dimension order. */
+static inline void store_row_bf16(uint16_t *o, const float *row) {
+    const __m512i lower = _mm512_loadu_si512(ROW_ORDER[0]);
+    const __m512i upper = _mm512_loadu_si512(ROW_ORDER[1]);
+    for (int pair = 0; pair < 2; pair++) {
+        const __m512 a = _mm512_loadu_ps(row + 32 * pair), b = _mm512_loadu_ps(row + 32 * pair + 16);
+        store16_bf16(o + 32 * pair, _mm512_permutex2var_ps(a, lower, b));
+        store16_bf16(o + 32 * pair + 16, _mm512_permutex2var_ps(a, upper, b));
+    }
+}
 
 /* Pass 3 for one 64-dimension chunk `c`, block by block as pass 1: a KV head's G output
  * rows are loaded into registers for the block's tokens and put back (the rows of all
@@ -392,11 +425,7 @@ static inline __attribute__((always_inline)) void decode_sequence_bf16(
         values_pass(value, probs, rows, table, context, num_blocks, num_kv_heads, block_size,
                     block_stride, token_stride, head_stride, c, G);
         for (int64_t head = 0; head < num_heads; head++) {
-            const float *row = rows + head * 64;
-            uint16_t *o = out + (seq * num_heads + head) * head_dim + c;
-            for (int j = 0; j < 4; j++)
-                for (int lane = 0; lane < 16; lane++)
-                    o[row_dim(j, lane)] = float_to_bf16(row[16 * j + lane]);
+            store_row_bf16(out + (seq * num_heads + head) * head_dim + c, rows + head * 64);
         }
     }
 }
