@@ -91,12 +91,6 @@ int textgen_int8_pack(const uint8_t *blocks, int type, int64_t n, int64_t k, uin
 
 #ifdef HAVE_VNNI
 
-/* 16 bf16 at `p` widened to float32. */
-static inline __m512 load16_bf16(const uint16_t *p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 /* One token's k bf16 features into int8 q [k], d_x and d_x * sum q per block. */
 static inline void quantize_row(const uint16_t *x, int64_t k, int8_t *q, float *d, float *s) {
     for (int64_t b = 0; b < k / BLOCK; b++) {
@@ -141,14 +135,7 @@ static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float
             acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(s_x[r * kb + b]), acc[r]);
         }
     }
-    for (int r = 0; r < rows; r++) {
-        /* rounded to nearest even, as torch rounds; NaN cannot come from finite input */
-        __m512i bits = _mm512_castps_si512(acc[r]);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-        _mm256_storeu_si256((__m256i *)(y + r * y_stride),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-    }
+    for (int r = 0; r < rows; r++) store16_bf16(y + r * y_stride, acc[r]);
 }
 
 #endif

@@ -139,12 +139,6 @@ static void decode_sequence(
 #include <immintrin.h>
 #define HAVE_AVX512 1
 
-/* 16 bf16 at `src` widened to float32. */
-static inline __m512 load16_bf16(const uint16_t *src) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 /* sums[i] = the sum of the 16 lanes of v[i]: a transposing tree of adds, about three
  * instructions per vector instead of a full horizontal reduction each. Lane order of
  * the result: v[0], v[1], ..., v[15]. */
@@ -240,11 +234,6 @@ static const int32_t ROW_ORDER[2][16] = {
     {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31},
 };
 
-/* 16 floats to bf16, rounded to nearest even (NaN stays NaN), as torch rounds. */
-static inline void store16_bf16(uint16_t *dst, __m512 x) {
-    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
 /* Softmax numerators to bf16, in place: row `sc` of `context` floats becomes
  * context + 1 bf16 (the last 0), each element written after it has been read. */
 static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
@@ -290,16 +279,6 @@ static const int32_t ROW_ORDER[2][16] = {
     {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23},
     {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31},
 };
-
-static inline void store16_bf16(uint16_t *dst, __m512 x) {
-    __m512i bits = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
-    bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
-    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
 
 static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
     for (int64_t t = 0; t < context; t++) sc[t] *= inv;

@@ -23,6 +23,28 @@ static inline uint16_t float_to_bf16(float v) {
     return (uint16_t)(bits >> 16);
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* 16 bf16 at `src` widened to float32. */
+static inline __m512 load16_bf16(const uint16_t *src) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* 16 floats to bf16 at `dst`, each as float_to_bf16 rounds it. (vcvtneps2bf16 would
+ * flush denormals to zero, where torch keeps them.) */
+static inline void store16_bf16(uint16_t *dst, __m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512i out = _mm512_mask_blend_epi32(nan, rounded, quiet);
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(out, 16)));
+}
+#endif
+
 /* exp(x) for x <= 0 (softmax after the max is taken), written so loops over it vectorize:
  * Cody-Waite range reduction and a degree-6 polynomial (about 1 ulp), 0 below -87. */
 static inline float exp_nonpositive(float x) {
