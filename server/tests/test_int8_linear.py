@@ -15,6 +15,7 @@ from gguf_testing import dequantized, make_blocks
 from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.layers import gguf
+from textgen.server.layers.activation import GatedActivation
 from textgen.server.layers.linear import ColumnParallelLinear
 from textgen.server.model_runner import ModelRunner, SequenceInput
 from textgen.server.weights import Weights
@@ -73,6 +74,55 @@ def test_kernel_reads_strided_rows_and_zero_rows():
     torch.testing.assert_close(out, gguf.int8_linear(x.contiguous(), weight), rtol=0, atol=0)
     assert torch.equal(out[3], torch.zeros(32, dtype=torch.bfloat16))
     assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("num_tokens", [5, 13, 130])
+def test_gated_output_equals_the_silu_pass_over_the_plain_product(kind, num_tokens):
+    torch.manual_seed(num_tokens)
+    inter = 48  # three 16-feature tiles per half
+    blocks = make_blocks(torch.randn(2 * inter, 96) * 0.5, kind)  # gate rows, then up rows
+    weight = gguf.pack_int8(blocks)
+    x = (torch.randn(num_tokens, 96) * 3).to(torch.bfloat16)
+    plain = gguf.int8_linear(x, weight)  # [T, 2I]
+    gated = gguf.int8_linear(x, weight, gated=True)
+    expected = torch.nn.functional.silu(plain[:, :inter]) * plain[:, inter:]  # bf16 throughout
+    assert gated.shape == (num_tokens, inter) and gated.dtype == torch.bfloat16
+    assert (plain[:, :inter] < 0).any()  # both branches of the SiLU are taken
+    assert torch.equal(gated, expected)
+
+
+def test_gated_activation_fuses_only_where_the_kernel_gives_the_same_bits():
+    torch.manual_seed(3)
+    act = GatedActivation("silu", torch.bfloat16, torch.device("cpu"))
+    x = torch.randn(gguf.MAX_TOKENS + 3, 64).to(torch.bfloat16)
+    blocks = make_blocks(torch.randn(64, 64) * 0.3, "Q4_1")
+    layer = ColumnParallelLinear(torch.zeros(64, 64, dtype=torch.bfloat16), None, blocks)
+    assert gguf.use_int8_activations(layer) == 1
+    expected = act(layer(x))
+    calls = []
+    original = gguf.int8_linear
+
+    def recording(x, weight, gated=False):
+        calls.append(gated)
+        return original(x, weight, gated)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "int8_linear", recording)
+        assert torch.equal(act.project(x, layer), expected)
+        assert calls == [True]  # one pass, the [T, 2I] product never written
+        calls.clear()
+        act.project(x[: gguf.MAX_TOKENS], layer)  # a small step: the GGUF-block kernel
+        assert calls == []
+        # 24 features per half: not whole tiles, so the plain product and the SiLU pass
+        odd = ColumnParallelLinear(
+            torch.zeros(48, 64, dtype=torch.bfloat16),
+            None,
+            make_blocks(torch.randn(48, 64), "Q4_1"),
+        )
+        gguf.use_int8_activations(odd)
+        assert torch.equal(act.project(x, odd), act(odd(x)))
+        assert calls == [False, False]
 
 
 def test_the_int8_path_takes_large_bf16_steps_only():
@@ -173,7 +223,7 @@ def test_a_build_without_vnni_says_so_and_the_layers_keep_their_products(tmp_pat
     assert library.textgen_int8_available() == 0
     entry = library.textgen_int8_linear
     entry.argtypes = kernels.int8_linear().textgen_int8_linear.argtypes
-    assert entry(0, 32, 0, 0, 0, 0, 16, 1, 16, 32, 0, 1) == -1  # x, stride, u, d, m, y, ...
+    assert entry(0, 32, 0, 0, 0, 0, 16, 1, 16, 32, 0, 0, 1) == -1  # x, stride, u, d, m, y, ...
 
     # the loader then gives None, and no layer switches
     monkeypatch.setattr(kernels, "int8_linear", lambda: None)

@@ -143,6 +143,7 @@ def int8_linear() -> ctypes.CDLL | None:
             ctypes.c_void_p,  # y (bf16)
             ctypes.c_int64,  # y row stride
             *[ctypes.c_int64] * 3,  # m, n, k
+            ctypes.c_int,  # gated: silu(gate) * up of a fused gate/up weight
             ctypes.c_void_p,  # scratch
             ctypes.c_int,  # threads
         ],

@@ -108,12 +108,11 @@ static inline void quantize_row(const uint16_t *x, int64_t k, int8_t *q, float *
     }
 }
 
-/* ROWS tokens (q, d_x, s_x rows at strides k and kb) against 16 output features; the
- * first `rows` are stored. Rows past `rows` read the scratch's padding and are dropped. */
-static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float *d_x,
-                              const float *s_x, int64_t k, const uint8_t *u, const float *d_w,
-                              const float *m_w, uint16_t *y, int64_t y_stride) {
-    __m512 acc[ROWS];
+/* ROWS tokens (q, d_x, s_x rows at strides k and kb) against 16 output features: acc.
+ * Rows past the caller's count read the scratch's padding; the caller drops them. */
+static inline __attribute__((always_inline)) void tile_product(
+    int64_t kb, const int8_t *q, const float *d_x, const float *s_x, int64_t k, const uint8_t *u,
+    const float *d_w, const float *m_w, __m512 acc[ROWS]) {
     for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < kb; b++) {
         __m512i sums[ROWS];
@@ -135,20 +134,60 @@ static inline void micro_tile(int rows, int64_t kb, const int8_t *q, const float
             acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(s_x[r * kb + b]), acc[r]);
         }
     }
+}
+
+/* The first `rows` of ROWS tokens' products with one 16-feature tile, as bf16 into y. */
+static void micro_tile(int rows, int64_t kb, const int8_t *q, const float *d_x, const float *s_x,
+                       int64_t k, const uint8_t *u, const float *d_w, const float *m_w,
+                       uint16_t *y, int64_t y_stride) {
+    __m512 acc[ROWS];
+    tile_product(kb, q, d_x, s_x, k, u, d_w, m_w, acc);
     for (int r = 0; r < rows; r++) store16_bf16(y + r * y_stride, acc[r]);
+}
+
+/* out[i] = bf16(silu(bf16(gate[i]))) * bf16(up[i]) for `count` floats (a loop of run-time
+ * length, which the compiler vectorizes where it would not a fixed 16). */
+static void silu_mul(const float *gate, const float *up, uint16_t *out, int64_t count) {
+    for (int64_t i = 0; i < count; i++) out[i] = silu_mul_bf16(round_bf16(gate[i]), round_bf16(up[i]));
+}
+
+/* As `micro_tile` for a gate tile and its up tile (`up` bytes and `up_scales` floats
+ * further on in the packed weight): bf16(silu(gate)) * up into y, each product rounded
+ * to bf16 first, so that the output equals the SiLU pass over the two tiles' outputs. */
+static void micro_tile_gated(int rows, int64_t kb, const int8_t *q, const float *d_x,
+                             const float *s_x, int64_t k, const uint8_t *u, const float *d_w,
+                             const float *m_w, int64_t up, int64_t up_scales, uint16_t *y,
+                             int64_t y_stride) {
+    __m512 acc[ROWS];
+    float gate[ROWS * LANES], upper[ROWS * LANES];
+    uint16_t out[ROWS * LANES];
+    tile_product(kb, q, d_x, s_x, k, u, d_w, m_w, acc);
+    for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(gate + r * LANES, acc[r]);
+    tile_product(kb, q, d_x, s_x, k, u + up, d_w + up_scales, m_w + up_scales, acc);
+    for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(upper + r * LANES, acc[r]);
+    silu_mul(gate, upper, out, (int64_t)rows * LANES);
+    for (int r = 0; r < rows; r++) memcpy(y + r * y_stride, out + r * LANES, sizeof out[0] * LANES);
 }
 
 #endif
 
 /* y [m][n] bf16 (row stride y_stride) = x [m][k] bf16 (row stride x_stride) W^T with W
  * packed by `textgen_int8_pack`, on `threads` threads. `scratch` holds (m + 8) * (k + 8 * k / 32)
- * bytes: the quantized rows and 8 rows of padding for the last micro-tile. Returns 0, or -1 where this build has no VNNI kernel or the shapes do not fit it. */
+ * bytes: the quantized rows and 8 rows of padding for the last micro-tile.
+ *
+ * `gated`: W holds a gated MLP's gate rows, then as many up rows (a fused projection), and
+ * y [m][n / 2] is bf16(silu(gate)) * up, rounded as the SiLU pass rounds the two halves
+ * of the plain product; the [m][n] product is never written.
+ *
+ * Returns 0, or -1 where this build has no VNNI kernel or the shapes do not fit it. */
 int textgen_int8_linear(const uint16_t *x, int64_t x_stride, const uint8_t *u, const float *d_w,
                         const float *m_w, uint16_t *y, int64_t y_stride, int64_t m, int64_t n,
-                        int64_t k, void *scratch, int threads) {
+                        int64_t k, int gated, void *scratch, int threads) {
 #ifdef HAVE_VNNI
-    if (n % LANES || k % BLOCK || m <= 0) return -1;
-    const int64_t kb = k / BLOCK, tiles = n / LANES;
+    if (n % (gated ? 2 * LANES : LANES) || k % BLOCK || m <= 0) return -1;
+    const int64_t kb = k / BLOCK, tiles = gated ? n / 2 / LANES : n / LANES;
+    /* the up tile paired with gate tile t is tile t + tiles: this many bytes and floats on */
+    const int64_t up = tiles * kb * 8 * LANES * 4, up_scales = tiles * kb * LANES;
     int8_t *q = (int8_t *)scratch;
     const int64_t padded = m + ROWS;
     float *d_x = (float *)(q + padded * k), *s_x = d_x + padded * kb;
@@ -171,16 +210,22 @@ int textgen_int8_linear(const uint16_t *x, int64_t x_stride, const uint8_t *u, c
                 const int64_t end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
                 for (int64_t t = c * ROW_CHUNK; t < end; t += ROWS) {
                     const int rows = end - t < ROWS ? (int)(end - t) : ROWS;
-                    micro_tile(rows, kb, q + t * k, d_x + t * kb, s_x + t * kb, k,
-                               u + tile * kb * 8 * LANES * 4, d_w + tile * kb * LANES,
-                               m_w + tile * kb * LANES, y + t * y_stride + tile * LANES, y_stride);
+                    const uint8_t *ut = u + tile * kb * 8 * LANES * 4;
+                    const float *dt = d_w + tile * kb * LANES, *mt = m_w + tile * kb * LANES;
+                    uint16_t *yt = y + t * y_stride + tile * LANES;
+                    if (gated)
+                        micro_tile_gated(rows, kb, q + t * k, d_x + t * kb, s_x + t * kb, k, ut,
+                                         dt, mt, up, up_scales, yt, y_stride);
+                    else
+                        micro_tile(rows, kb, q + t * k, d_x + t * kb, s_x + t * kb, k, ut, dt,
+                                   mt, yt, y_stride);
                 }
             }
     }
     return 0;
 #else
     (void)x, (void)x_stride, (void)u, (void)d_w, (void)m_w, (void)y, (void)y_stride;
-    (void)m, (void)n, (void)k, (void)scratch, (void)threads;
+    (void)m, (void)n, (void)k, (void)gated, (void)scratch, (void)threads;
     return -1;
 #endif
 }

@@ -19,8 +19,6 @@
 #include <immintrin.h>
 #endif
 
-static float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
-
 /* Below this many tokens a step runs on the calling thread: waking the team costs more. */
 #define PARALLEL_MIN_TOKENS 32
 
@@ -83,8 +81,7 @@ int textgen_rotary(uint16_t *q, int64_t q_stride, int64_t q_heads, uint16_t *k, 
 
 /* out[t] = bf16(silu(gate[t])) * up[t], rounded as torch rounds `silu(gate) * up` in bf16.
  * Each row of x holds gate then up, `inter` elements each, one fused projection's output;
- * out is [T, inter]. silu(g) = g / (1 + exp(-g)), through exp(-|g|) so that the exp only
- * sees arguments <= 0. */
+ * out is [T, inter]. */
 int textgen_silu_and_mul(const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t tokens,
                          int64_t inter, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (tokens >= PARALLEL_MIN_TOKENS)
@@ -92,12 +89,8 @@ int textgen_silu_and_mul(const uint16_t *x, int64_t x_stride, uint16_t *out, int
         const uint16_t *gate = x + t * x_stride;
         const uint16_t *up = gate + inter;
         uint16_t *dst = out + t * inter;
-        for (int64_t i = 0; i < inter; i++) {
-            const float g = bf16_to_float(gate[i]);
-            const float e = exp_nonpositive(-fabsf(g));
-            const float silu = g >= 0.0f ? g / (1.0f + e) : g * e / (1.0f + e);
-            dst[i] = float_to_bf16(round_bf16(silu) * bf16_to_float(up[i]));
-        }
+        for (int64_t i = 0; i < inter; i++)
+            dst[i] = silu_mul_bf16(bf16_to_float(gate[i]), bf16_to_float(up[i]));
     }
     return 0;
 }

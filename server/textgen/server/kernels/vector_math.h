@@ -65,4 +65,16 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : p * scale;
 }
 
+static inline float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+/* bf16(bf16(silu(gate)) * up) for bf16 `gate` and `up`, as torch rounds `silu(gate) * up`
+ * in bf16: silu(g) = g / (1 + exp(-g)), through exp(-|g|) so that the exp only sees
+ * arguments <= 0. Shared by the SiLU pass and the int8 product's gated output, which must
+ * agree to the bit. */
+static inline uint16_t silu_mul_bf16(float gate, float up) {
+    const float e = exp_nonpositive(-fabsf(gate));
+    const float silu = gate >= 0.0f ? gate / (1.0f + e) : gate * e / (1.0f + e);
+    return float_to_bf16(round_bf16(silu) * up);
+}
+
 #endif

@@ -2,6 +2,9 @@
 
 For SiLU in bf16 on CPU it is one native pass (kernels/token_ops.c) that rounds where
 torch rounds `silu(gate) * up`, instead of three passes over a prefill's activations.
+Where the gate/up projection runs through the int8 kernel (--int8-activations), that
+kernel applies the same arithmetic to its own output tiles (`project`), and the
+[T, 2I] product never goes to memory.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from textgen.server import kernels
+from textgen.server.layers import gguf
+from textgen.server.layers.linear import ColumnParallelLinear
 
 
 class GatedActivation(nn.Module):
@@ -33,3 +38,15 @@ class GatedActivation(nn.Module):
             return out
         gate, up = gate_up.split(inter, dim=-1)
         return self.act(gate) * up
+
+    def project(self, x: torch.Tensor, gate_up_proj: ColumnParallelLinear) -> torch.Tensor:
+        """x [T, in] -> this activation of `gate_up_proj(x)`, [T, I]."""
+        weight = gate_up_proj.int8
+        if (
+            self.native is not None
+            and gate_up_proj.bias is None
+            and gguf.applies_int8(x, weight)
+            and weight.out_features % 32 == 0  # whole 16-feature tiles in each half
+        ):
+            return gguf.int8_linear(x, weight, gated=True)  # the same bits, in one pass
+        return self(gate_up_proj(x))

@@ -126,8 +126,12 @@ def applies_int8(x: torch.Tensor, weight: Int8Weight | None) -> bool:
 _scratch = threading.local()  # each forward thread's quantized-activation buffer
 
 
-def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    """x [T, in] bf16 @ W^T, x rounded to int8 per 32 features: [T, out] bf16."""
+def int8_linear(x: torch.Tensor, weight: Int8Weight, gated: bool = False) -> torch.Tensor:
+    """x [T, in] bf16 @ W^T, x rounded to int8 per 32 features: [T, out] bf16.
+
+    `gated`: W is a fused gate/up projection (gate rows, then up rows) and the result is
+    [T, out / 2], bf16(silu(gate)) * up, equal to the SiLU pass over the plain product.
+    """
     x = x if x.stride(-1) == 1 else x.contiguous()
     num_tokens = x.shape[0]
     # int8 rows, then two floats per 32 features; 8 more rows pad the kernel's last tile
@@ -136,7 +140,8 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     if buffer is None or buffer.numel() < needed:
         # NOTE: kept and reused: a fresh buffer of megabytes per call costs page faults.
         buffer = _scratch.buffer = torch.empty(needed, dtype=torch.uint8)
-    y = torch.empty(num_tokens, weight.out_features, dtype=x.dtype)
+    out_features = weight.out_features // 2 if gated else weight.out_features
+    y = torch.empty(num_tokens, out_features, dtype=x.dtype)
     status = kernels.int8_linear().textgen_int8_linear(
         x.data_ptr(),
         x.stride(0),
@@ -148,6 +153,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
         num_tokens,
         weight.out_features,
         weight.in_features,
+        int(gated),
         buffer.data_ptr(),
         torch.get_num_threads(),
     )

@@ -123,8 +123,8 @@ class LlamaMLP(nn.Module):
         self.act = GatedActivation(config.hidden_act, weights.dtype, weights.device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(hidden)  # [T, 2 * I_local]
-        return self.down_proj(self.act(gate_up))  # [T, hidden]
+        inner = self.act.project(hidden, self.gate_up_proj)  # [T, I_local]
+        return self.down_proj(inner)  # [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
