@@ -208,10 +208,10 @@ int textgen_int8_linear(const uint16_t *x, int64_t x_stride, const uint8_t *u, c
         for (int64_t c = 0; c < chunks; c++)
             for (int64_t tile = 0; tile < tiles; tile++) {
                 const int64_t end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
+                const uint8_t *ut = u + tile * kb * 8 * LANES * 4;
+                const float *dt = d_w + tile * kb * LANES, *mt = m_w + tile * kb * LANES;
                 for (int64_t t = c * ROW_CHUNK; t < end; t += ROWS) {
                     const int rows = end - t < ROWS ? (int)(end - t) : ROWS;
-                    const uint8_t *ut = u + tile * kb * 8 * LANES * 4;
-                    const float *dt = d_w + tile * kb * LANES, *mt = m_w + tile * kb * LANES;
                     uint16_t *yt = y + t * y_stride + tile * LANES;
                     if (gated)
                         micro_tile_gated(rows, kb, q + t * k, d_x + t * kb, s_x + t * kb, k, ut,

@@ -43,7 +43,7 @@ class GatedActivation(nn.Module):
         """x [T, in] -> this activation of `gate_up_proj(x)`, [T, I]."""
         weight = gate_up_proj.int8
         if (
-            self.native is not None
+            self.native is not None  # SiLU, bf16, CPU: the arithmetic the kernel shares
             and gate_up_proj.bias is None
             and gguf.applies_int8(x, weight)
             and weight.out_features % 32 == 0  # whole 16-feature tiles in each half
