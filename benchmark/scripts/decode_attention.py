@@ -3,7 +3,8 @@
 Times `textgen.server.attention.cpu`'s native kernel for every layer of the default
 model's shape (9 query heads, 3 KV heads, head_dim 64, 30 layers, blocks of 16 tokens)
 at a batch of sequences with the same context, and reports the rate at which the step
-reads the cache (keys and values, bf16). `--scattered` gives each sequence its blocks
+reads the cache (keys and values, bf16; int8 and their scales with `--kv-cache-dtype
+int8`, the cache kind of the shard's flag). `--scattered` gives each sequence its blocks
 in random order, as a long-running cache does; by default they lie in address order.
 `--resident` reuses one layer's cache for every layer, so that it stays in the CPU's
 caches: the kernel's arithmetic without the memory traffic.
@@ -21,7 +22,7 @@ import torch
 from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
 from textgen.server.attention.cpu import _native_decode
-from textgen.server.kv_cache import LayerCache
+from textgen.server.kv_cache import KVCache, KVCacheSpec
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--scattered", action="store_true")
     parser.add_argument("--resident", action="store_true")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     library = kernels.paged_attention()
@@ -42,7 +44,9 @@ def main() -> None:
     torch.manual_seed(0)
     layout = "scattered" if args.scattered else "in order"
     where = "one layer's cache, resident" if args.resident else f"{LAYERS} layers' caches"
-    print(f"{args.threads} thread(s), bf16, blocks {layout}, {where}")
+    kind = "int8" if args.kv_cache_dtype == "int8" else "bf16"
+    cache_dtype = torch.int8 if args.kv_cache_dtype == "int8" else torch.bfloat16
+    print(f"{args.threads} thread(s), bf16 queries, {kind} cache, blocks {layout}, {where}")
     print(f"{'batch':>6} {'context':>8} {'ms/step':>8} {'GB/s':>6}")
     for batch in args.batch_size:
         for context in args.context:
@@ -57,11 +61,15 @@ def main() -> None:
                 block_size=BLOCK,
                 max_context_len=context,
             )
-            shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-            caches = [
-                LayerCache(torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16())
-                for _ in range(1 if args.resident else LAYERS)
-            ]
+            spec = KVCacheSpec(
+                1 if args.resident else LAYERS, KV_HEADS, HEAD_DIM, BLOCK, cache_dtype
+            )
+            cache = KVCache(spec, num_blocks, torch.device("cpu"))
+            caches = [cache.layer(i) for i in range(spec.num_layers)]
+            slots = torch.arange(num_blocks * BLOCK)
+            for layer in caches:
+                rows = torch.randn(num_blocks * BLOCK, KV_HEADS, HEAD_DIM).bfloat16()
+                layer.store(slots, rows, torch.randn_like(rows))
             q = torch.randn(batch, HEADS, HEAD_DIM).bfloat16()
 
             def step(caches=caches, q=q, meta=meta) -> None:
@@ -74,7 +82,7 @@ def main() -> None:
                 started = time.perf_counter()
                 step()
                 best = min(best, time.perf_counter() - started)
-            read = LAYERS * batch * context * KV_HEADS * HEAD_DIM * 2 * 2  # K and V, bf16
+            read = LAYERS * batch * context * spec.bytes_per_block // (spec.num_layers * BLOCK)
             print(f"{batch:>6} {context:>8} {1000 * best:8.1f} {read / best / 1e9:6.1f}")
 
 

@@ -6,6 +6,7 @@ each sequence with a 200-token context. The quickest A/B for shard-side speed wo
 
     python benchmark/scripts/decode_step.py --threads 2 --batch-size 1 16 64
     python benchmark/scripts/decode_step.py --threads 2 --int8-activations --prefill-prompts 20
+    python benchmark/scripts/decode_step.py --threads 2 --kv-cache-dtype int8 --batch-size 64
     TEXTGEN_NATIVE_KERNELS=0 python benchmark/scripts/decode_step.py   # torch attention
 """
 
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--prefill-prompts", type=int, default=4, help="prompts in the prefill")
     parser.add_argument("--int8-activations", action="store_true", help="as the shard's flag")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -77,11 +79,13 @@ def main() -> None:
         ParallelGroup(),
         torch.device("cpu"),
         int8_activations=args.int8_activations,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     blocks_each = -(-(CONTEXT + 1) // BLOCK_SIZE)
     prompts = args.prefill_prompts
     runner.allocate_kv_cache(max(*args.batch_size, prompts) * blocks_each + 1)
     int8 = ", int8 activations" if args.int8_activations else ""
+    int8 += ", int8 KV cache" if args.kv_cache_dtype == "int8" else ""
     print(f"{args.dtype}{int8}, {args.threads} thread(s), contexts of {CONTEXT} tokens")
     ms = median_ms(lambda: runner.forward(sequences(prompts, CONTEXT, CONTEXT, blocks_each)), 2)
     rate = prompts * CONTEXT / ms * 1000

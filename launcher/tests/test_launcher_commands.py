@@ -126,3 +126,15 @@ def test_int8_activations_reach_the_shards_config() -> None:
     argv = make_commands(int8_activations=True).shard(0)
     assert "--int8-activations" in argv
     assert shard_config(argv).int8_activations
+
+
+def test_the_kv_cache_dtype_reaches_the_shards_config() -> None:
+    from textgen.server.cli import build_parser, config_from_args
+
+    def shard_config(argv: list[str]):
+        return config_from_args(build_parser().parse_args(argv[argv.index("serve") :]))
+
+    assert shard_config(make_commands().shard(0)).kv_cache_dtype == "auto"
+    argv = make_commands(kv_cache_dtype="int8", num_shard=2).shard(1)
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "int8"
+    assert shard_config(argv).kv_cache_dtype == "int8"

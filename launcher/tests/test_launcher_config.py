@@ -59,6 +59,7 @@ def test_config_is_frozen() -> None:
         ({"master_port": 70000}, "--master-port"),
         ({"port": 0}, "--port"),
         ({"dtype": "int8"}, "--dtype"),
+        ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
         ({"waiting_served_ratio": -0.1}, "--waiting-served-ratio"),
         ({"max_batch_size": 0}, "--max-batch-size must be > 0"),
         ({"kv_cache_memory_gib": 0.0}, "--kv-cache-memory-gib"),

@@ -66,6 +66,8 @@ class TextgenCommands:
             *observability_flags(c),
         ]  # fmt: skip
         argv += ["--int8-activations"] if c.int8_activations else []
+        if c.kv_cache_dtype != "auto":
+            argv += ["--kv-cache-dtype", c.kv_cache_dtype]
         return argv + _optional("--num-threads", self.num_threads)
 
     def router(self) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "int8")
 MAX_TOTAL_TOKENS_CAP = 4096
 PREFILL_HEADROOM_TOKENS = 50
 # Config keys that name the context length, in the order transformers' configs use them.
@@ -58,6 +59,8 @@ FLAG_HELP = {
     "int8_activations": "on CPUs with AVX-512 VNNI, multiply a GGUF model's weight blocks with"
     " activations rounded to int8 per 32 features, as llama.cpp does: faster steps, logits"
     " a little further from float32 than bf16's (bf16 only; see README)",
+    "kv_cache_dtype": "auto: keys and values in the model's dtype; int8: each row of head_dim"
+    " values as int8 with a float32 scale, about half the bytes per token (see README)",
     "master_addr": "torch.distributed rendezvous address",
     "master_port": "torch.distributed rendezvous port; default: a free port",
     "json_output": "log JSON lines instead of plain text (launcher, router and shards)",
@@ -69,7 +72,7 @@ FLAG_HELP = {
     "watermark_z_threshold": "z-score above which /watermark/detect says watermarked; default: 4.0",
     "disable_grammar_support": "refuse grammar, response_format and tools (422)",
 }
-FLAG_CHOICES = {"dtype": DTYPES}
+FLAG_CHOICES = {"dtype": DTYPES, "kv_cache_dtype": KV_CACHE_DTYPES}
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class LauncherConfig:
     shard_uds_path: str = "/tmp/textgen-server"
     kv_cache_memory_gib: float = 1.0
     int8_activations: bool = False
+    kv_cache_dtype: str = "auto"
     master_addr: str = "localhost"
     master_port: int | None = None
     json_output: bool = False
@@ -121,6 +125,8 @@ class LauncherConfig:
             raise ConfigError("--kv-cache-memory-gib must be > 0")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
         self._check_positive()
         self._check_given_limits()
 

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from textgen.server.config import DTYPES, ServerConfig
+from textgen.server.config import DTYPES, KV_CACHE_DTYPES, ServerConfig
 from textgen.server.logs import setup_logging
 from textgen.server.server import serve
 from textgen.server.sharding import ShardCountError
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bf16 on CPU: GGUF weight blocks times activations rounded to int8 per 32 features",
     )
+    cmd.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=default("kv_cache_dtype"),
+        help="auto: the model's dtype; int8: each key and value row as int8 with a float32 scale",
+    )
     return parser
 
 
@@ -67,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         json_output=args.json_output,
         num_threads=args.num_threads,
         int8_activations=args.int8_activations,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

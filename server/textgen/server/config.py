@@ -12,6 +12,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ServerConfig:
     json_output: bool = False
     num_threads: int | None = None  # CPU threads of this shard; None: torch's default (all)
     int8_activations: bool = False  # GGUF blocks x int8 activations (layers/gguf.py)
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": a scale per row (kv_cache.py)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -46,6 +48,10 @@ class ServerConfig:
             raise ValueError("block_size must be at least 1")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be at least 1")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

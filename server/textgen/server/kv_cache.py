@@ -8,6 +8,15 @@
 The router owns the block ids (block 0 is its health-probe block, an ordinary
 block here); the shard only writes and reads the slots it is told to. Heads
 are this shard's local KV heads, so the budget is per shard.
+
+An int8 cache (`--kv-cache-dtype int8`) keeps each token's row of head_dim values
+as int8 with one float32 scale (`quantize_int8`), beside the blocks:
+
+    key_scales[layer]   [num_blocks, num_kv_heads, block_size] float32
+    value_scales[layer] [num_blocks, num_kv_heads, block_size] float32
+
+a block's scales of one head side by side, as the decode kernel reads them. Readers
+see the dequantized values, int8 * scale.
 """
 
 from __future__ import annotations
@@ -15,6 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from textgen.server import kernels
+
+# Element kinds of the paged attention kernels (kernels/paged_attention.c).
+NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 @dataclass(frozen=True)
@@ -25,13 +39,15 @@ class KVCacheSpec:
     num_kv_heads: int  # local to this shard
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's dtype, or torch.int8 with one float32 scale per row
 
     @property
     def bytes_per_block(self) -> int:
-        """Key and value, every layer."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+        """Key and value, every layer (an int8 cache's scales included)."""
+        row = self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        if self.dtype == torch.int8:
+            row += 4  # the row's float32 scale
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * row
 
     def num_blocks_for(self, budget_bytes: int) -> int:
         return budget_bytes // self.bytes_per_block
@@ -47,13 +63,24 @@ class KVCache:
         layers = range(spec.num_layers)
         self.key_caches = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in layers]
         self.value_caches = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in layers]
+        self.key_scales: list[torch.Tensor | None] = [None] * spec.num_layers
+        self.value_scales: list[torch.Tensor | None] = [None] * spec.num_layers
+        if spec.dtype == torch.int8:
+            scales = (num_blocks, spec.num_kv_heads, spec.block_size)
+            self.key_scales = [torch.zeros(scales, device=device) for _ in layers]
+            self.value_scales = [torch.zeros(scales, device=device) for _ in layers]
 
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.spec.block_size
 
     def layer(self, index: int) -> LayerCache:
-        return LayerCache(self.key_caches[index], self.value_caches[index])
+        return LayerCache(
+            self.key_caches[index],
+            self.value_caches[index],
+            self.key_scales[index],
+            self.value_scales[index],
+        )
 
 
 @dataclass(frozen=True)
@@ -62,11 +89,99 @@ class LayerCache:
 
     key: torch.Tensor  # [num_blocks, block_size, Hkv, D]
     value: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    # An int8 cache's scales, [num_blocks, Hkv, block_size] float32; None otherwise.
+    key_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_scale is not None
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[1]
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views indexed by slot: [num_slots, Hkv, D]."""
+        """Views indexed by slot: [num_slots, Hkv, D] (int8 for an int8 cache)."""
         num_slots = self.key.shape[0] * self.key.shape[1]
         return (
             self.key.view(num_slots, *self.key.shape[2:]),
             self.value.view(num_slots, *self.value.shape[2:]),
         )
+
+    def store(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes new tokens' keys and values [T, Hkv, D] at their slots [T]."""
+        key, value = self.flat()
+        if not self.quantized:
+            key.index_copy_(0, slots, k)
+            value.index_copy_(0, slots, v)
+            return
+        if _store_native(self, slots, k, v):
+            return
+        for cache, scales, rows in ((key, self.key_scale, k), (value, self.value_scale, v)):
+            quantized, scale = quantize_int8(rows)
+            cache.index_copy_(0, slots, quantized)
+            scales[slots // self.block_size, :, slots % self.block_size] = scale
+
+    def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values at `slots` (any shape S), as `dtype`: [*S, Hkv, D] each."""
+        key, value = self.flat()
+        if not self.quantized:
+            return key[slots], value[slots]
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        return (
+            _dequantize(key[slots], self.key_scale[blocks, :, offsets], dtype),
+            _dequantize(value[slots], self.value_scale[blocks, :, offsets], dtype),
+        )
+
+
+def quantize_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [..., D] as int8 [..., D] and one float32 scale each [...]:
+
+        scale = max|x| / 127,   q = round_half_even(x * (127 / max|x|))
+
+    and zeros (scale 0) for a row of zeros. The C store kernel computes the same, bit
+    for bit.
+    """
+    x = rows.float()
+    top = x.abs().amax(dim=-1)
+    # NOTE: a true division: `127.0 / top` would be 127 * reciprocal(top), a rounding apart.
+    inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, torch.zeros_like(top))
+    quantized = (x * inv.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return quantized, top / 127
+
+
+def _dequantize(rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (rows.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def _store_native(cache: LayerCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The C store kernel where it serves these tensors: True if it ran."""
+    if k.dtype not in (torch.float32, torch.bfloat16) or k.device.type != "cpu":
+        return False
+    library = kernels.paged_attention()
+    if library is None:
+        return False
+    head_dim = k.shape[-1]
+    for rows in (k, v):
+        if rows.stride(-1) != 1 or rows.stride(-2) != head_dim:
+            return False  # heads must be contiguous within a token's row
+    slots = slots.contiguous()
+    status = library.textgen_kv_store_int8(
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        NATIVE_KINDS[k.dtype],
+        slots.data_ptr(),
+        k.shape[0],
+        k.shape[1],
+        head_dim,
+        cache.block_size,
+        cache.key.data_ptr(),
+        cache.value.data_ptr(),
+        cache.key_scale.data_ptr(),
+        cache.value_scale.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return status == 0

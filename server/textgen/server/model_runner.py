@@ -8,6 +8,7 @@ requests, sampling or the protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,13 @@ class ModelRunner:
         config: PretrainedConfig,
         block_size: int,
         device: torch.device,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
         self.device = device
+        self.kv_cache_dtype = kv_cache_dtype  # "auto" (the model's dtype) or "int8"
         self.kv_cache: KVCache | None = None
 
     @classmethod
@@ -64,6 +67,7 @@ class ModelRunner:
         device: torch.device,
         attention_backend: str = "cpu",
         int8_activations: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> ModelRunner:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         weights = Weights(model_dir, dtype, device, group)
@@ -71,11 +75,14 @@ class ModelRunner:
         model = get_model_class(config.model_type).load(config, weights, attention)
         if int8_activations:
             _use_int8_activations(model, dtype)
-        return cls(model, config, block_size, device)
+        return cls(model, config, block_size, device, kv_cache_dtype)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
-        return self.model.kv_cache_spec(self.block_size)
+        spec = self.model.kv_cache_spec(self.block_size)
+        if self.kv_cache_dtype == "int8":
+            return dataclasses.replace(spec, dtype=torch.int8)
+        return spec
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = None  # free the old cache before the new one is allocated

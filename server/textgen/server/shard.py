@@ -46,6 +46,7 @@ class Shard:
             group,
             device,
             int8_activations=config.int8_activations,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         return cls(runner, config)
 

@@ -6,7 +6,9 @@ reads keys and values in place through the block tables. Where that kernel canno
 built (or for dtypes it does not take) decode is one batched pair of matmuls: block
 tables are padded to [B, max_blocks], the context is gathered block by block as
 [B, L, Hkv, D] and positions past each context length are masked. Prefill loops over
-sequences, with a causal mask offset by the tokens already cached.
+sequences, with a causal mask offset by the tokens already cached. Over an int8 cache
+every path reads the dequantized keys and values (`LayerCache.gather`; the kernel
+dequantizes in registers).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch.nn.functional as F
 
 from textgen.server import kernels
 from textgen.server.attention.backend import AttentionBackend, AttentionMetadata
-from textgen.server.kv_cache import LayerCache
+from textgen.server.kv_cache import NATIVE_KINDS, LayerCache
 
-# Element kinds the C decode kernel takes.
-_NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+# Query dtypes the C decode kernel takes.
+_NATIVE_QUERIES = (torch.float32, torch.bfloat16)
 
 
 class CpuAttention(AttentionBackend):
@@ -31,9 +33,7 @@ class CpuAttention(AttentionBackend):
         cache: LayerCache,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        key_cache, value_cache = cache.flat()  # [num_slots, Hkv, D]
-        key_cache.index_copy_(0, metadata.slots, k)
-        value_cache.index_copy_(0, metadata.slots, v)
+        cache.store(metadata.slots, k, v)
         if metadata.is_decode:
             return _any_decode(q, cache, metadata)
         library = _native_library(q)
@@ -42,13 +42,13 @@ class CpuAttention(AttentionBackend):
             return _native_decode(library, q, cache, metadata.per_token)
         num_decodes = metadata.num_leading_decodes
         if num_decodes == 0:
-            return _prefill(q, key_cache, value_cache, metadata)
+            return _prefill(q, cache, metadata)
         # A mixed batch: running sequences' decode tokens first, then new prompts.
         decodes, prompts = metadata.split(num_decodes)
         return torch.cat(
             [
                 _any_decode(q[:num_decodes], cache, decodes),
-                _prefill(q[num_decodes:], key_cache, value_cache, prompts),
+                _prefill(q[num_decodes:], cache, prompts),
             ]
         )  # [T, Hq, D]
 
@@ -63,7 +63,7 @@ def _any_decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> 
 
 def _native_library(q: torch.Tensor):
     """The paged attention kernel if it serves `q`'s dtype and device here, else None."""
-    if q.dtype not in _NATIVE_KINDS or q.device.type != "cpu":
+    if q.dtype not in _NATIVE_QUERIES or q.device.type != "cpu":
         return None
     return kernels.paged_attention()
 
@@ -97,7 +97,10 @@ def _native_decode(
         key.shape[1],
         *key.stride()[:3],
         head_dim**-0.5,
-        _NATIVE_KINDS[q.dtype],
+        NATIVE_KINDS[q.dtype],
+        NATIVE_KINDS[key.dtype],
+        _address(cache.key_scale),
+        _address(cache.value_scale),
         scratch.data_ptr(),
         per_thread,
         threads,
@@ -120,8 +123,12 @@ def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torc
     num_blocks = -(-meta.max_context_len // meta.block_size)
     tables = meta.block_tables[:, :num_blocks]  # [B, nb]
     length = num_blocks * meta.block_size
-    keys = cache.key[tables].view(num_seqs, length, num_kv_heads, head_dim)  # [B, L, Hkv, D]
-    values = cache.value[tables].view(num_seqs, length, num_kv_heads, head_dim)
+    if cache.quantized:
+        slots = tables.unsqueeze(-1) * meta.block_size + torch.arange(meta.block_size)
+        keys, values = cache.gather(slots.view(num_seqs, length), q.dtype)  # [B, L, Hkv, D]
+    else:
+        keys = cache.key[tables].view(num_seqs, length, num_kv_heads, head_dim)
+        values = cache.value[tables].view(num_seqs, length, num_kv_heads, head_dim)
     group = num_heads // num_kv_heads
     query = q.view(num_seqs, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
     scores = torch.matmul(query, keys.permute(0, 2, 3, 1)).float()  # [B, Hkv, G, L]
@@ -133,17 +140,15 @@ def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torc
     return out.view(num_seqs, num_heads, head_dim)  # [T=B, Hq, D]
 
 
-def _prefill(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
+def _prefill(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
     outputs = []
     start = 0
     for b, query_len in enumerate(meta.query_lens):
         context_len = int(meta.context_lens[b])
         positions = torch.arange(context_len, device=q.device)  # [L]
         slots = _context_slots(meta.block_tables[b : b + 1], positions, meta.block_size)[0]
-        keys = key_cache[slots].transpose(0, 1)  # [Hkv, L, D]
-        values = value_cache[slots].transpose(0, 1)
+        keys, values = cache.gather(slots, q.dtype)  # [L, Hkv, D]
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [Hkv, L, D]
         # Query i sits at position context_len - query_len + i: it sees keys up to there.
         mask = torch.ones(query_len, context_len, dtype=torch.bool, device=q.device)
         mask = mask.tril(diagonal=context_len - query_len)  # [Tq, L]
@@ -162,3 +167,7 @@ def _context_slots(
     """Slot of every context position through each block table: [B, L]."""
     blocks = block_tables[:, positions // block_size]  # [B, L]
     return blocks * block_size + positions % block_size
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()

@@ -97,9 +97,19 @@ def paged_attention() -> ctypes.CDLL | None:
             ctypes.c_void_p,  # context_lens
             *[ctypes.c_int64] * 8,  # seqs, heads, kv heads, head_dim, block size, 3 strides
             ctypes.c_float,  # scale
-            ctypes.c_int,  # kind
+            ctypes.c_int,  # kind of q and out
+            ctypes.c_int,  # kind of the cache
+            *[ctypes.c_void_p] * 2,  # key and value scales of an int8 cache
             ctypes.c_void_p,  # scratch
             ctypes.c_int64,  # scratch floats per thread
+            ctypes.c_int,  # threads
+        ],
+        textgen_kv_store_int8=[
+            *[ctypes.c_void_p, ctypes.c_int64] * 2,  # k and v rows, their token strides
+            ctypes.c_int,  # kind of k and v
+            ctypes.c_void_p,  # slots
+            *[ctypes.c_int64] * 4,  # tokens, kv heads, head_dim, block size
+            *[ctypes.c_void_p] * 4,  # key, value, key scales, value scales
             ctypes.c_int,  # threads
         ],
     )

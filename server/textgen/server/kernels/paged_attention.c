@@ -14,9 +14,14 @@
  *     key, value    [num_blocks, block_size, Hkv, D] with the given block/token/head strides
  *     block_tables  [B, table_stride] int64; context_lens [B] int64
  *
- * `scratch` is float32 working space owned by the caller. Element types:
- * kind 0 = float32, kind 1 = bfloat16 (rounded to nearest even on the way out, as torch
- * does). Built by textgen.server.kernels at first use with the host compiler.
+ * `scratch` is float32 working space owned by the caller. Element types of q and out
+ * (`kind`) and of the cache (`cache_kind`): 0 = float32, 1 = bfloat16 (rounded to nearest
+ * even on the way out, as torch does), and for the cache only 2 = int8, each row of
+ * head_dim values stored with one float32 scale (see `textgen_kv_store_int8`):
+ *     key_scale, value_scale  [num_blocks, Hkv, block_size] float32, contiguous
+ * so that a block's scales of one head lie side by side. An int8 cache is read as its
+ * dequantized values, int8 * scale, in float32. Built by textgen.server.kernels at
+ * first use with the host compiler.
  *
  * With AVX-512, bf16 caches whose head_dim is a multiple of 64 and which have at most 4
  * query heads per KV head take `decode_sequence_bf16`, which walks the block table block
@@ -24,7 +29,9 @@
  * registers. Where the CPU has AVX512_BF16 its products are vdpbf16ps: q . k exact
  * products summed in float32 as before, and the probabilities rounded to bf16 for the
  * weighted sum of values (the rounding a bf16 attention matmul makes), summed in
- * float32. Other shapes take the portable `decode_sequence`.
+ * float32. int8 caches of the same shapes take `decode_sequence_int8` (with AVX512BW):
+ * exact products of 8-bit keys and values with 16-bit queries and probabilities, summed
+ * in int32. Other shapes take the portable `decode_sequence`.
  */
 
 #include <math.h>
@@ -51,14 +58,27 @@
 
 #define MAX_HEAD_DIM 512
 
-/* Row `src` of `n` elements of the given kind, widened into `dst`. */
-static inline void load_row(float *dst, const void *src, int64_t offset, int n, int kind) {
+/* Row `src` of `n` elements of the given kind, widened into `dst`; an int8 row times
+ * its `scale`. */
+static inline void load_row(float *dst, const void *src, int64_t offset, int n, int kind,
+                            float scale) {
     if (kind == 0) {
         memcpy(dst, (const float *)src + offset, (size_t)n * sizeof(float));
-    } else {
+    } else if (kind == 1) {
         const uint16_t *row = (const uint16_t *)src + offset;
         for (int d = 0; d < n; d++) dst[d] = bf16_to_float(row[d]);
+    } else {
+        const int8_t *row = (const int8_t *)src + offset;
+        for (int d = 0; d < n; d++) dst[d] = (float)row[d] * scale;
     }
+}
+
+/* The scales of an int8 cache, [num_blocks, Hkv, block_size]: where token `t` of KV head
+ * `h` finds its scale. */
+static inline float row_scale(const float *scales, const int64_t *table, int64_t t, int64_t h,
+                              int64_t block_size, int64_t num_kv_heads) {
+    if (scales == NULL) return 1.0f;
+    return scales[(table[t / block_size] * num_kv_heads + h) * block_size + t % block_size];
 }
 
 /* Built with -fassociative-math, so this reduction vectorizes (a tree of vector adds). */
@@ -80,7 +100,8 @@ static void decode_sequence(
     const void *q, const void *key, const void *value, void *out, const int64_t *table,
     int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
-    float scale, int kind, float *scratch) {
+    float scale, int kind, int cache_kind, const float *key_scale, const float *value_scale,
+    float *scratch) {
     const int64_t group = num_heads / num_kv_heads;
     float row[MAX_HEAD_DIM];
     float *query = scratch;                        /* [Hq, D] */
@@ -88,7 +109,7 @@ static void decode_sequence(
     float *scores = acc + num_heads * head_dim;    /* [Hq, context] */
     for (int64_t head = 0; head < num_heads; head++) {
         float *qrow = query + head * head_dim;
-        load_row(qrow, q, (seq * num_heads + head) * head_dim, head_dim, kind);
+        load_row(qrow, q, (seq * num_heads + head) * head_dim, head_dim, kind, 1.0f);
         for (int64_t d = 0; d < head_dim; d++) qrow[d] *= scale;
     }
     /* Pass 1: scores. Token by token, all KV heads of a token at once: the cache is
@@ -96,7 +117,8 @@ static void decode_sequence(
     for (int64_t t = 0; t < context; t++) {
         const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
         for (int64_t h = 0; h < num_kv_heads; h++) {
-            load_row(row, key, at + h * head_stride, head_dim, kind);
+            load_row(row, key, at + h * head_stride, head_dim, cache_kind,
+                     row_scale(key_scale, table, t, h, block_size, num_kv_heads));
             for (int64_t g = 0; g < group; g++) {
                 const int64_t head = h * group + g;
                 scores[head * context + t] = dot(query + head * head_dim, row, head_dim);
@@ -119,7 +141,8 @@ static void decode_sequence(
     for (int64_t t = 0; t < context; t++) {
         const int64_t at = token_offset(table, t, block_size, block_stride, token_stride);
         for (int64_t h = 0; h < num_kv_heads; h++) {
-            load_row(row, value, at + h * head_stride, head_dim, kind);
+            load_row(row, value, at + h * head_stride, head_dim, cache_kind,
+                     row_scale(value_scale, table, t, h, block_size, num_kv_heads));
             for (int64_t g = 0; g < group; g++) {
                 const int64_t head = h * group + g;
                 const float p = scores[head * context + t];
@@ -285,16 +308,33 @@ static inline void probs_to_bf16(float *sc, int64_t context, float inv) {
 }
 #endif
 
-/* A 64-dimension chunk of an output row, as value_tokens leaves it, to bf16 in
- * dimension order. */
-static inline void store_row_bf16(uint16_t *o, const float *row) {
-    const __m512i lower = _mm512_loadu_si512(ROW_ORDER[0]);
-    const __m512i upper = _mm512_loadu_si512(ROW_ORDER[1]);
+/* A 64-dimension chunk of an output row to bf16 in dimension order, its dimensions in
+ * the lanes `order` gives for each 32 (as ROW_ORDER and PAIR_ORDER). */
+static inline void store_row_ordered(uint16_t *o, const float *row, const int32_t order[2][16]) {
+    const __m512i lower = _mm512_loadu_si512(order[0]);
+    const __m512i upper = _mm512_loadu_si512(order[1]);
     for (int pair = 0; pair < 2; pair++) {
         const __m512 a = _mm512_loadu_ps(row + 32 * pair), b = _mm512_loadu_ps(row + 32 * pair + 16);
         store16_bf16(o + 32 * pair, _mm512_permutex2var_ps(a, lower, b));
         store16_bf16(o + 32 * pair + 16, _mm512_permutex2var_ps(a, upper, b));
     }
+}
+
+/* As value_tokens leaves a chunk. */
+static inline void store_row_bf16(uint16_t *o, const float *row) {
+    store_row_ordered(o, row, ROW_ORDER);
+}
+
+/* The lanes of 32 dimensions summed over two tokens' rows interleaved as 16-bit pairs
+ * (unpacklo_epi16 and unpackhi_epi16 of the rows), as value_tokens' vdpbf16ps leaves
+ * them: for each dimension, its lane among the two vectors' 32. */
+static const int32_t PAIR_ORDER[2][16] = {
+    {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
+    {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31},
+};
+
+static inline void store_row_pairs(uint16_t *o, const float *row) {
+    store_row_ordered(o, row, PAIR_ORDER);
 }
 
 /* Pass 3 for one 64-dimension chunk `c`, block by block as pass 1: a KV head's G output
@@ -321,6 +361,26 @@ static inline __attribute__((always_inline)) void values_pass(
                 for (int j = 0; j < 4; j++) _mm512_storeu_ps(row + g * 64 + 16 * j, acc[g][j]);
         }
     }
+}
+
+/* Pass 2's first half: row `sc` of `context` scores is scaled by `scale` and replaced by
+ * exp(score - max), whose sum is returned. */
+static inline float softmax_numerators(float *sc, int64_t context, float scale) {
+    const __m512 scale16 = _mm512_set1_ps(scale);
+    __m512 top16 = _mm512_set1_ps(-INFINITY); /* the max in vectors: it does not
+                                                 vectorize by itself (NaN order) */
+    for (int64_t t = 0; t < context; t += 16) {
+        const int n = context - t < 16 ? (int)(context - t) : 16;
+        const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sc + t), scale16);
+        _mm512_mask_storeu_ps(sc + t, mask, x);
+        top16 = _mm512_mask_max_ps(top16, mask, top16, x);
+    }
+    const float top = _mm512_reduce_max_ps(top16);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < context; t++) sc[t] = exp_nonpositive(sc[t] - top);
+    for (int64_t t = 0; t < context; t++) sum += sc[t];
+    return sum;
 }
 
 /* decode_sequence for bf16 with head_dim a multiple of 64 and G query heads per KV head,
@@ -379,23 +439,9 @@ static inline __attribute__((always_inline)) void decode_sequence_bf16(
             }
         }
     }
-    const __m512 scale16 = _mm512_set1_ps(scale);
     for (int64_t head = 0; head < num_heads; head++) {
         float *sc = scores + head * context;
-        __m512 top16 = _mm512_set1_ps(-INFINITY); /* the max in vectors: it does not
-                                                     vectorize by itself (NaN order) */
-        for (int64_t t = 0; t < context; t += 16) {
-            const int n = context - t < 16 ? (int)(context - t) : 16;
-            const __mmask16 mask = (__mmask16)((1u << n) - 1u);
-            const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sc + t), scale16);
-            _mm512_mask_storeu_ps(sc + t, mask, x);
-            top16 = _mm512_mask_max_ps(top16, mask, top16, x);
-        }
-        const float top = _mm512_reduce_max_ps(top16);
-        float sum = 0.0f;
-        for (int64_t t = 0; t < context; t++) sc[t] = exp_nonpositive(sc[t] - top);
-        for (int64_t t = 0; t < context; t++) sum += sc[t];
-        probs_to_bf16(sc, context, 1.0f / sum);
+        probs_to_bf16(sc, context, 1.0f / softmax_numerators(sc, context, scale));
     }
     const Prob *probs = (const Prob *)scores;
     float *rows = scores + num_heads * context; /* [Hq, 64] */
@@ -409,18 +455,250 @@ static inline __attribute__((always_inline)) void decode_sequence_bf16(
     }
 }
 
-/* The fast path's shapes: bf16, head_dim a multiple of 64, at most 4 query heads per KV
- * head (so a chunk's accumulators fit the 32 vector registers). Returns 0 if it ran. */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HAVE_INT8_PATH 1
+
+/* acc + the products of a's and b's int16 pairs, each pair's two summed into its int32
+ * lane (vpdpwssd where the CPU has AVX512_VNNI). */
+static inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+/* 32 int8 at `src` sign-extended to 32 int16. */
+static inline __m512i load32_int8(const int8_t *src) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)src));
+}
+
+/* sum16 over int32 lanes. */
+static inline __m512i sum16_epi32(const __m512i v[16]) {
+    __m512i w[8], x[4];
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(w[2 * i], w[2 * i + 1]),
+                                _mm512_unpackhi_epi64(w[2 * i], w[2 * i + 1]));
+    const int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
+    const __m512i y0 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[0], x[1], even),
+                                        _mm512_shuffle_i32x4(x[0], x[1], odd));
+    const __m512i y1 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[2], x[3], even),
+                                        _mm512_shuffle_i32x4(x[2], x[3], odd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(y0, y1, even), _mm512_shuffle_i32x4(y0, y1, odd));
+}
+
+/* A row of `n` floats as int16 with one scale, max|x| -> 32767 (rounded in the
+ * processor's default mode, to nearest even); all zeros with scale 0 for a row of zeros.
+ * 16-bit integers carry the row to about 1.5e-5 of its largest element. Returns the
+ * scale. */
+static inline float row_to_int16(int16_t *dst, const float *src, int64_t n) {
+    __m512 top16 = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 mask = n - t < 16 ? (__mmask16)((1u << (n - t)) - 1u) : 0xffff;
+        top16 = _mm512_max_ps(top16, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, src + t)));
+    }
+    const float top = _mm512_reduce_max_ps(top16);
+    const __m512 inv = _mm512_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 mask = n - t < 16 ? (__mmask16)((1u << (n - t)) - 1u) : 0xffff;
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src + t), inv));
+        _mm256_mask_storeu_epi16(dst + t, mask, _mm512_cvtepi32_epi16(q));
+    }
+    return top / 32767.0f;
+}
+
+/* To L2, the keys, values and both scales of cache block `block` (an int8 row of 64
+ * dimensions is one cache line). */
+static inline void prefetch_int8_block(const int8_t *key, const int8_t *value,
+                                       const float *key_scale, const float *value_scale,
+                                       int64_t block, int64_t num_kv_heads, int64_t head_dim,
+                                       int64_t block_size, int64_t block_stride,
+                                       int64_t token_stride, int64_t head_stride) {
+    const int64_t ahead = block * block_stride;
+    for (int64_t i = 0; i < block_size; i++)
+        for (int64_t h = 0; h < num_kv_heads; h++)
+            for (int64_t d = 0; d < head_dim; d += 64) {
+                const int64_t at = ahead + i * token_stride + h * head_stride + d;
+                _mm_prefetch((const char *)(key + at), _MM_HINT_T1);
+                _mm_prefetch((const char *)(value + at), _MM_HINT_T1);
+            }
+    const int64_t scales = num_kv_heads * block_size;
+    for (int64_t i = 0; i < scales; i += 16) {
+        _mm_prefetch((const char *)(key_scale + block * scales + i), _MM_HINT_T1);
+        _mm_prefetch((const char *)(value_scale + block * scales + i), _MM_HINT_T1);
+    }
+}
+
+/* decode_sequence for an int8 cache under bf16 queries, head_dim a multiple of 64 and G
+ * query heads per KV head. The products are exact integer ones, 16-bit by 8-bit:
+ *   pass 1: each query row as int16 with a scale (row_to_int16); per cache block and 16
+ *     of its tokens, each token's key row sign-extended to int16 once and multiplied
+ *     with the group's query rows in int32 lanes (dot_pairs), the 16 tokens' sums
+ *     taken by `sum16_epi32` and scaled by the query's and the 16 keys' scales;
+ *   pass 2: the softmax; each probability times its token's value scale, and the row
+ *     of them as int16 with a scale;
+ *   pass 3: per block, two tokens' value rows interleaved as int16 pairs against their
+ *     two probabilities (as value_tokens pairs bf16), summed in int32 and added to the
+ *     float32 output rows with the probabilities' scale. A block's int32 sums stay far
+ *     from overflow: 16 x 32767 x 127 < 2^27. */
+static inline __attribute__((always_inline)) void decode_sequence_int8(
+    const uint16_t *q, const int8_t *key, const int8_t *value, const float *key_scale,
+    const float *value_scale, uint16_t *out, const int64_t *table, int64_t context,
+    int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    int64_t block_stride, int64_t token_stride, int64_t head_stride, float scale, const int G,
+    float *scratch) {
+    float *scores = scratch;                        /* [Hq, context], then int16 probs */
+    float *rows = scores + num_heads * context;     /* [Hq, 64] */
+    float *prob_scales = rows + num_heads * 64;     /* [Hq] */
+    float *query_scales = prob_scales + num_heads;  /* [Hq] */
+    int16_t *queries = (int16_t *)(query_scales + num_heads); /* [Hq, D] */
+    const int64_t num_blocks = (context + block_size - 1) / block_size;
+    const int64_t scale_stride = num_kv_heads * block_size; /* per block */
+    for (int64_t head = 0; head < num_heads; head++) {
+        float row[MAX_HEAD_DIM];
+        const uint16_t *src = q + (seq * num_heads + head) * head_dim;
+        for (int64_t d = 0; d < head_dim; d += 16) _mm512_storeu_ps(row + d, load16_bf16(src + d));
+        query_scales[head] = row_to_int16(queries + head * head_dim, row, head_dim);
+    }
+    for (int64_t c = 0; c < head_dim; c += 64) {
+        for (int64_t blk = 0; blk < num_blocks; blk++) {
+            const int8_t *base = key + table[blk] * block_stride + c;
+            const float *scales = key_scale + table[blk] * scale_stride;
+            const int64_t first = blk * block_size;
+            const int64_t in_block = context - first < block_size ? context - first : block_size;
+            if (c == 0 && blk + PREFETCH_BLOCKS < num_blocks)
+                prefetch_int8_block(key, value, key_scale, value_scale,
+                                    table[blk + PREFETCH_BLOCKS], num_kv_heads, head_dim,
+                                    block_size, block_stride, token_stride, head_stride);
+            for (int64_t t0 = 0; t0 < in_block; t0 += 16) {
+                const int n = in_block - t0 < 16 ? (int)(in_block - t0) : 16;
+                const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+                for (int64_t h = 0; h < num_kv_heads; h++) {
+                    const int8_t *k = base + t0 * token_stride + h * head_stride;
+                    __m512i qv[4][2];
+                    for (int g = 0; g < G; g++)
+                        for (int j = 0; j < 2; j++)
+                            qv[g][j] = _mm512_loadu_si512(queries + (h * G + g) * head_dim + c + 32 * j);
+                    __m512i part[4][16];
+                    for (int i = 0; i < 16; i++) {
+                        if (i >= n) {
+                            for (int g = 0; g < G; g++) part[g][i] = _mm512_setzero_si512();
+                            continue;
+                        }
+                        const __m512i k0 = load32_int8(k + i * token_stride);
+                        const __m512i k1 = load32_int8(k + i * token_stride + 32);
+                        for (int g = 0; g < G; g++)
+                            part[g][i] = dot_pairs(_mm512_madd_epi16(qv[g][0], k0), qv[g][1], k1);
+                    }
+                    const __m512 ks = _mm512_maskz_loadu_ps(mask, scales + h * block_size + t0);
+                    for (int g = 0; g < G; g++) {
+                        float *dst = scores + (h * G + g) * context + first + t0;
+                        const __m512 qs = _mm512_set1_ps(query_scales[h * G + g]);
+                        __m512 sums = _mm512_cvtepi32_ps(sum16_epi32(part[g]));
+                        sums = _mm512_mul_ps(_mm512_mul_ps(sums, qs), ks);
+                        if (c > 0) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(mask, dst));
+                        _mm512_mask_storeu_ps(dst, mask, sums);
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t head = 0; head < num_heads; head++) {
+        float *sc = scores + head * context;
+        const float inv = 1.0f / softmax_numerators(sc, context, scale);
+        const float *scales = value_scale + (head / G) * block_size;
+        for (int64_t blk = 0; blk < num_blocks; blk++) {
+            const int64_t first = blk * block_size;
+            const int64_t in_block = context - first < block_size ? context - first : block_size;
+            for (int64_t t0 = 0; t0 < in_block; t0 += 16) {
+                const int n = in_block - t0 < 16 ? (int)(in_block - t0) : 16;
+                const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+                const __m512 vs =
+                    _mm512_maskz_loadu_ps(mask, scales + table[blk] * scale_stride + t0);
+                const __m512 p = _mm512_maskz_loadu_ps(mask, sc + first + t0);
+                _mm512_mask_storeu_ps(sc + first + t0, mask, _mm512_mul_ps(p, vs));
+            }
+        }
+        /* In place: int16 element t is written after float element t has been read. */
+        int16_t *probs = (int16_t *)sc;
+        prob_scales[head] = inv * row_to_int16(probs, sc, context);
+        probs[context] = 0; /* the pair partner of an odd context's last token */
+    }
+    for (int64_t c = 0; c < head_dim; c += 64) {
+        memset(rows, 0, (size_t)(num_heads * 64) * sizeof(float));
+        for (int64_t blk = 0; blk < num_blocks; blk++) {
+            const int8_t *base = value + table[blk] * block_stride + c;
+            const int64_t first = blk * block_size;
+            const int64_t in_block = context - first < block_size ? context - first : block_size;
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                __m512i acc[4][4];
+                for (int g = 0; g < G; g++)
+                    for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_si512();
+                const int16_t *p = (const int16_t *)(scores + h * G * context) + first;
+                for (int64_t i = 0; i < in_block; i += 2) {
+                    const int8_t *v = base + i * token_stride + h * head_stride;
+                    const __m512i a0 = load32_int8(v), a1 = load32_int8(v + 32);
+                    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                    if (i + 1 < in_block) { /* else the pair's second token is zeros */
+                        b0 = load32_int8(v + token_stride);
+                        b1 = load32_int8(v + token_stride + 32);
+                    }
+                    const __m512i pairs[4] = {
+                        _mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
+                        _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1),
+                    };
+                    for (int g = 0; g < G; g++) {
+                        /* p[t], p[t + 1] of this head: rows are 2 * context int16 apart */
+                        uint32_t two;
+                        memcpy(&two, p + g * 2 * context + i, sizeof two);
+                        const __m512i w = _mm512_set1_epi32((int)two);
+                        for (int j = 0; j < 4; j++) acc[g][j] = dot_pairs(acc[g][j], pairs[j], w);
+                    }
+                }
+                for (int g = 0; g < G; g++) {
+                    float *row = rows + (h * G + g) * 64;
+                    const __m512 ps = _mm512_set1_ps(prob_scales[h * G + g]);
+                    for (int j = 0; j < 4; j++)
+                        _mm512_storeu_ps(row + 16 * j,
+                                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[g][j]), ps,
+                                                         _mm512_loadu_ps(row + 16 * j)));
+                }
+            }
+        }
+        for (int64_t head = 0; head < num_heads; head++)
+            store_row_pairs(out + (seq * num_heads + head) * head_dim + c, rows + head * 64);
+    }
+}
+#endif
+
+/* The fast paths' shapes: bf16 queries over a bf16 or int8 cache, head_dim a multiple
+ * of 64, at most 4 query heads per KV head (so a chunk's accumulators fit the 32 vector
+ * registers). Returns 0 if one ran. */
 static int decode_sequence_fast(
     const void *q, const void *key, const void *value, void *out, const int64_t *table,
     int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
-    float scale, int kind, float *scratch) {
-    if (kind != 1 || head_dim % 64) return 1;
+    float scale, int kind, int cache_kind, const float *key_scale, const float *value_scale,
+    float *scratch) {
+    if (kind != 1 || head_dim % 64 || (cache_kind != 1 && cache_kind != 2)) return 1;
+#ifdef HAVE_INT8_PATH
+#define DECODE_INT8 decode_sequence_int8
+#else
+    if (cache_kind == 2) return 1;
+#define DECODE_INT8(...) (void)0
+#endif
 #define FAST(G)                                                                               \
-    decode_sequence_bf16(q, key, value, out, table, context, seq, num_heads, num_kv_heads,   \
-                         head_dim, block_size, block_stride, token_stride, head_stride,     \
-                         scale, G, scratch)
+    if (cache_kind == 2)                                                                      \
+        DECODE_INT8(q, key, value, key_scale, value_scale, out, table, context, seq, \
+                             num_heads, num_kv_heads, head_dim, block_size, block_stride,     \
+                             token_stride, head_stride, scale, G, scratch);                   \
+    else                                                                                      \
+        decode_sequence_bf16(q, key, value, out, table, context, seq, num_heads,             \
+                             num_kv_heads, head_dim, block_size, block_stride, token_stride, \
+                             head_stride, scale, G, scratch)
     switch (num_heads / num_kv_heads) {
         case 1: FAST(1); return 0;
         case 2: FAST(2); return 0;
@@ -429,6 +707,7 @@ static int decode_sequence_fast(
         default: return 1;
     }
 #undef FAST
+#undef DECODE_INT8
 }
 #endif
 
@@ -440,8 +719,12 @@ int textgen_paged_decode(
     const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
-    float scale, int kind, float *scratch, int64_t scratch_per_thread, int num_threads) {
+    float scale, int kind, int cache_kind, const float *key_scale, const float *value_scale,
+    float *scratch, int64_t scratch_per_thread, int num_threads) {
     if (head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads) return 1;
+    if (kind < 0 || kind > 1 || (cache_kind != kind && cache_kind != 2)) return 1;
+    if (cache_kind == 2 && (key_scale == NULL || value_scale == NULL)) return 1;
+    if (cache_kind != 2) key_scale = value_scale = NULL;
     if (num_threads > num_seqs) num_threads = (int)num_seqs;
     if (num_threads < 1) num_threads = 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
@@ -456,12 +739,65 @@ int textgen_paged_decode(
 #ifdef HAVE_AVX512
         if (decode_sequence_fast(q, key, value, out, table, context_lens[b], b, num_heads,
                                  num_kv_heads, head_dim, block_size, block_stride, token_stride,
-                                 head_stride, scale, kind, mine) != 0)
+                                 head_stride, scale, kind, cache_kind, key_scale,
+                                 value_scale, mine) != 0)
 #endif
             decode_sequence(q, key, value, out, table, context_lens[b], b, num_heads,
                             num_kv_heads, head_dim, block_size, block_stride, token_stride,
-                            head_stride, scale, kind, mine);
+                            head_stride, scale, kind, cache_kind, key_scale, value_scale, mine);
         DENORMALS_RESTORE(csr);
+    }
+    return 0;
+}
+
+/* One row of `n` values quantized to int8 with one scale, as LayerCache's torch path does:
+ *     scale = max|x| / 127,   q = round_half_even(x * (127 / max|x|))
+ * and a row of zeros (scale 0) where max|x| = 0. */
+static inline void quantize_row(const void *src, int64_t offset, int n, int kind, int8_t *dst,
+                                float *scale) {
+    float row[MAX_HEAD_DIM];
+    load_row(row, src, offset, n, kind, 1.0f);
+    float top = 0.0f;
+    for (int d = 0; d < n; d++) top = fmaxf(top, fabsf(row[d]));
+    if (!(top > 0.0f)) {
+        memset(dst, 0, (size_t)n);
+        *scale = 0.0f;
+        return;
+    }
+    const float inv = 127.0f / top;
+    for (int d = 0; d < n; d++) {
+        float r = nearbyintf(row[d] * inv);
+        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+        dst[d] = (int8_t)r;
+    }
+    *scale = top / 127.0f;
+}
+
+/* Stores a forward's new keys and values into an int8 cache: each token's rows (kind 0
+ * float32 or 1 bf16; token rows `k_stride` and `v_stride` elements apart, heads
+ * contiguous within a row) quantized by `quantize_row` and written at the token's slot:
+ *     key, value              [num_slots, Hkv, D] int8
+ *     key_scale, value_scale  [num_blocks, Hkv, block_size] float32
+ * Returns 0, or 1 for shapes it does not take. */
+int textgen_kv_store_int8(
+    const void *k, int64_t k_stride, const void *v, int64_t v_stride, int kind,
+    const int64_t *slots, int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int8_t *key, int8_t *value, float *key_scale, float *value_scale,
+    int num_threads) {
+    if (head_dim > MAX_HEAD_DIM || kind < 0 || kind > 1) return 1;
+    if (num_threads < 1 || num_tokens < 64) num_threads = 1; /* a decode step: no team */
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const int64_t slot = slots[t];
+        const int64_t block = slot / block_size, offset = slot % block_size;
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const int64_t at = (slot * num_kv_heads + h) * head_dim;
+            const int64_t scale_at = (block * num_kv_heads + h) * block_size + offset;
+            quantize_row(k, t * k_stride + h * head_dim, (int)head_dim, kind, key + at,
+                         key_scale + scale_at);
+            quantize_row(v, t * v_stride + h * head_dim, (int)head_dim, kind, value + at,
+                         value_scale + scale_at);
+        }
     }
     return 0;
 }
