@@ -55,12 +55,13 @@ def test_quantize_int8_rounds_each_row_to_its_own_scale():
     assert (error <= scale.unsqueeze(-1) / 2 + 1e-7).all()  # at most half a step
 
 
+@pytest.mark.parametrize("d", [64, 24])  # 24: not whole vectors, the scalar loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 5, 64, 300])  # 64 and more: the OpenMP team
-def test_native_store_equals_the_torch_quantization_bit_for_bit(dtype, num_tokens):
+def test_native_store_equals_the_torch_quantization_bit_for_bit(dtype, num_tokens, d):
     _library()
     torch.manual_seed(num_tokens)
-    hq, hkv, d, block_size = 6, 2, 64, 16
+    hq, hkv, block_size = 6, 2, 16
     num_blocks = num_tokens // block_size + 4
     # k and v as the attention layer gets them: strided views of one fused projection
     qkv = (4 * torch.randn(num_tokens, (hq + 2 * hkv) * d)).to(dtype)

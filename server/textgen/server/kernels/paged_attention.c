@@ -755,6 +755,27 @@ int textgen_paged_decode(
  * and a row of zeros (scale 0) where max|x| = 0. */
 static inline void quantize_row(const void *src, int64_t offset, int n, int kind, int8_t *dst,
                                 float *scale) {
+#ifdef HAVE_AVX512
+    if (n % 16 == 0) { /* the same arithmetic, 16 values at a time */
+        __m512 top16 = _mm512_setzero_ps();
+        for (int d = 0; d < n; d += 16) {
+            const __m512 x = kind == 0 ? _mm512_loadu_ps((const float *)src + offset + d)
+                                       : load16_bf16((const uint16_t *)src + offset + d);
+            top16 = _mm512_max_ps(top16, _mm512_abs_ps(x));
+        }
+        const float top = _mm512_reduce_max_ps(top16);
+        /* |x| * (127 / top) rounds to at most 127: the saturating narrowing never clips */
+        const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        for (int d = 0; d < n; d += 16) {
+            const __m512 x = kind == 0 ? _mm512_loadu_ps((const float *)src + offset + d)
+                                       : load16_bf16((const uint16_t *)src + offset + d);
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv)); /* to nearest even */
+            _mm_storeu_si128((__m128i *)(dst + d), _mm512_cvtsepi32_epi8(q));
+        }
+        *scale = top > 0.0f ? top / 127.0f : 0.0f;
+        return;
+    }
+#endif
     float row[MAX_HEAD_DIM];
     load_row(row, src, offset, n, kind, 1.0f);
     float top = 0.0f;
