@@ -261,3 +261,23 @@ def test_the_avx512_path_without_avx512_bf16_matches_sdpa(tmp_path):
     for b, n in enumerate(lengths):
         expected = _reference(q[b], key, value, tables[b], n)
         torch.testing.assert_close(out[b].double(), expected, atol=8e-3, rtol=8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_reads_query_rows_in_place(dtype):
+    """q as the model hands it over: a view into a fused qkv row, not a contiguous copy."""
+    torch.manual_seed(5)
+    hq, hkv, d, block_size, lengths = 9, 3, 64, 16, [3, 40]
+    key = torch.randn(6, block_size, hkv, d).to(dtype)
+    value = torch.randn(6, block_size, hkv, d).to(dtype)
+    tables = [[4, 0, 0], [1, 5, 2]]
+    qkv = torch.randn(len(lengths), (hq + 2 * hkv) * d).to(dtype)
+    q = qkv[:, : hq * d].view(len(lengths), hq, d)  # rows (hq + 2 hkv) d apart
+    assert not q.is_contiguous()
+    meta = _decode_metadata(lengths, tables, block_size)
+    out = _native(q, LayerCache(key, value), meta)
+    assert torch.equal(out, _native(q.contiguous(), LayerCache(key, value), meta))
+    for b, n in enumerate(lengths):
+        expected = _reference(q[b], key, value, tables[b], n)
+        tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(out[b].double(), expected, atol=tolerance, rtol=tolerance)

@@ -72,18 +72,20 @@ def _native_decode(
     library, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata
 ) -> torch.Tensor:
     """The C kernel: no gathered copy of the context, float32 scores and accumulation."""
-    q = q.contiguous()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()  # the kernel takes strided rows of contiguous heads
     num_seqs, num_heads, head_dim = q.shape
     key, value = cache.key, cache.value  # [num_blocks, block_size, Hkv, D]
     num_kv_heads = key.shape[2]
     tables = meta.block_tables.contiguous()  # [B, max_blocks] int64
     context_lens = meta.context_lens.contiguous()  # [B] int64
-    out = torch.empty_like(q)  # [B, Hq, D]
+    out = torch.empty(q.shape, dtype=q.dtype)  # [B, Hq, D]
     threads = torch.get_num_threads()
     per_thread = num_heads * (2 * head_dim + meta.max_context_len)
     scratch = torch.empty(threads * per_thread, dtype=torch.float32)
     status = library.textgen_paged_decode(
         q.data_ptr(),
+        q.stride(0),
         key.data_ptr(),
         value.data_ptr(),
         out.data_ptr(),

@@ -92,7 +92,9 @@ def paged_attention() -> ctypes.CDLL | None:
     return _load(
         "paged_attention",
         textgen_paged_decode=[
-            *[ctypes.c_void_p] * 5,  # q, key, value, out, block_tables
+            ctypes.c_void_p,  # q
+            ctypes.c_int64,  # q row stride
+            *[ctypes.c_void_p] * 4,  # key, value, out, block_tables
             ctypes.c_int64,  # table_stride
             ctypes.c_void_p,  # context_lens
             *[ctypes.c_int64] * 8,  # seqs, heads, kv heads, head_dim, block size, 3 strides

@@ -10,7 +10,8 @@
  *     out[g]       = sum_t softmax(scores[g])[t] * v[t]
  *
  * Layouts (element strides, so any dense layout of the cache works):
- *     q, out        [B, Hq, D] contiguous; query head h*G + g reads KV head h
+ *     q             [B, Hq, D], rows `q_stride` elements apart, heads contiguous
+ *     out           [B, Hq, D] contiguous; query head h*G + g reads KV head h
  *     key, value    [num_blocks, block_size, Hkv, D] with the given block/token/head strides
  *     block_tables  [B, table_stride] int64; context_lens [B] int64
  *
@@ -94,11 +95,11 @@ static inline int64_t token_offset(const int64_t *table, int64_t t, int64_t bloc
     return table[t / block_size] * block_stride + (t % block_size) * token_stride;
 }
 
-/* One sequence: all its query heads over its whole context. `scratch` holds
- * Hq * (2 * D + context) floats. */
+/* One sequence (`q` and `out` at its rows): all its query heads over its whole context.
+ * `scratch` holds Hq * (2 * D + context) floats. */
 static void decode_sequence(
     const void *q, const void *key, const void *value, void *out, const int64_t *table,
-    int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t context, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
     float scale, int kind, int cache_kind, const float *key_scale, const float *value_scale,
     float *scratch) {
@@ -109,7 +110,7 @@ static void decode_sequence(
     float *scores = acc + num_heads * head_dim;    /* [Hq, context] */
     for (int64_t head = 0; head < num_heads; head++) {
         float *qrow = query + head * head_dim;
-        load_row(qrow, q, (seq * num_heads + head) * head_dim, head_dim, kind, 1.0f);
+        load_row(qrow, q, head * head_dim, head_dim, kind, 1.0f);
         for (int64_t d = 0; d < head_dim; d++) qrow[d] *= scale;
     }
     /* Pass 1: scores. Token by token, all KV heads of a token at once: the cache is
@@ -151,10 +152,9 @@ static void decode_sequence(
             }
         }
     }
-    const int64_t at = seq * num_heads * head_dim;
     for (int64_t i = 0; i < num_heads * head_dim; i++) {
-        if (kind == 0) ((float *)out)[at + i] = acc[i];
-        else ((uint16_t *)out)[at + i] = float_to_bf16(acc[i]);
+        if (kind == 0) ((float *)out)[i] = acc[i];
+        else ((uint16_t *)out)[i] = float_to_bf16(acc[i]);
     }
 }
 
@@ -392,11 +392,11 @@ static inline float softmax_numerators(float *sc, int64_t context, float scale) 
  *   pass 3 per 64-dimension chunk: `values_pass`. */
 static inline __attribute__((always_inline)) void decode_sequence_bf16(
     const uint16_t *q, const uint16_t *key, const uint16_t *value, uint16_t *out,
-    const int64_t *table, int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads,
+    const int64_t *table, int64_t context, int64_t num_heads, int64_t num_kv_heads,
     int64_t head_dim, int64_t block_size, int64_t block_stride, int64_t token_stride,
     int64_t head_stride, float scale, const int G, float *scratch) {
     float *scores = scratch; /* [Hq, context] */
-    const uint16_t *qs = q + seq * num_heads * head_dim;
+    const uint16_t *qs = q;
     const int64_t num_blocks = (context + block_size - 1) / block_size;
     for (int64_t c = 0; c < head_dim; c += 64) {
         for (int64_t blk = 0; blk < num_blocks; blk++) {
@@ -450,7 +450,7 @@ static inline __attribute__((always_inline)) void decode_sequence_bf16(
         values_pass(value, probs, rows, table, context, num_blocks, num_kv_heads, block_size,
                     block_stride, token_stride, head_stride, c, G);
         for (int64_t head = 0; head < num_heads; head++) {
-            store_row_bf16(out + (seq * num_heads + head) * head_dim + c, rows + head * 64);
+            store_row_bf16(out + head * head_dim + c, rows + head * 64);
         }
     }
 }
@@ -547,7 +547,7 @@ static inline void prefetch_int8_block(const int8_t *key, const int8_t *value,
 static inline __attribute__((always_inline)) void decode_sequence_int8(
     const uint16_t *q, const int8_t *key, const int8_t *value, const float *key_scale,
     const float *value_scale, uint16_t *out, const int64_t *table, int64_t context,
-    int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
     int64_t block_stride, int64_t token_stride, int64_t head_stride, float scale, const int G,
     float *scratch) {
     float *scores = scratch;                        /* [Hq, context], then int16 probs */
@@ -559,7 +559,7 @@ static inline __attribute__((always_inline)) void decode_sequence_int8(
     const int64_t scale_stride = num_kv_heads * block_size; /* per block */
     for (int64_t head = 0; head < num_heads; head++) {
         float row[MAX_HEAD_DIM];
-        const uint16_t *src = q + (seq * num_heads + head) * head_dim;
+        const uint16_t *src = q + head * head_dim;
         for (int64_t d = 0; d < head_dim; d += 16) _mm512_storeu_ps(row + d, load16_bf16(src + d));
         query_scales[head] = row_to_int16(queries + head * head_dim, row, head_dim);
     }
@@ -669,7 +669,7 @@ static inline __attribute__((always_inline)) void decode_sequence_int8(
             }
         }
         for (int64_t head = 0; head < num_heads; head++)
-            store_row_pairs(out + (seq * num_heads + head) * head_dim + c, rows + head * 64);
+            store_row_pairs(out + head * head_dim + c, rows + head * 64);
     }
 }
 #endif
@@ -679,7 +679,7 @@ static inline __attribute__((always_inline)) void decode_sequence_int8(
  * registers). Returns 0 if one ran. */
 static int decode_sequence_fast(
     const void *q, const void *key, const void *value, void *out, const int64_t *table,
-    int64_t context, int64_t seq, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t context, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
     float scale, int kind, int cache_kind, const float *key_scale, const float *value_scale,
     float *scratch) {
@@ -692,11 +692,11 @@ static int decode_sequence_fast(
 #endif
 #define FAST(G)                                                                               \
     if (cache_kind == 2)                                                                      \
-        DECODE_INT8(q, key, value, key_scale, value_scale, out, table, context, seq, \
+        DECODE_INT8(q, key, value, key_scale, value_scale, out, table, context,      \
                              num_heads, num_kv_heads, head_dim, block_size, block_stride,     \
                              token_stride, head_stride, scale, G, scratch);                   \
     else                                                                                      \
-        decode_sequence_bf16(q, key, value, out, table, context, seq, num_heads,             \
+        decode_sequence_bf16(q, key, value, out, table, context, num_heads,                  \
                              num_kv_heads, head_dim, block_size, block_stride, token_stride, \
                              head_stride, scale, G, scratch)
     switch (num_heads / num_kv_heads) {
@@ -715,7 +715,7 @@ static int decode_sequence_fast(
  * loaded, so its thread team is reused); `scratch` holds num_threads * Hq *
  * (2 * D + max(context_lens)) floats. Returns 0, or 1 for shapes it does not take. */
 int textgen_paged_decode(
-    const void *q, const void *key, const void *value, void *out,
+    const void *q, int64_t q_stride, const void *key, const void *value, void *out,
     const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
@@ -736,13 +736,16 @@ int textgen_paged_decode(
 #endif
         DENORMALS_OFF(csr);
         const int64_t *table = block_tables + b * table_stride;
+        const size_t size = kind == 0 ? sizeof(float) : sizeof(uint16_t);
+        const void *qb = (const char *)q + (size_t)(b * q_stride) * size;
+        void *ob = (char *)out + (size_t)(b * num_heads * head_dim) * size;
 #ifdef HAVE_AVX512
-        if (decode_sequence_fast(q, key, value, out, table, context_lens[b], b, num_heads,
+        if (decode_sequence_fast(qb, key, value, ob, table, context_lens[b], num_heads,
                                  num_kv_heads, head_dim, block_size, block_stride, token_stride,
                                  head_stride, scale, kind, cache_kind, key_scale,
                                  value_scale, mine) != 0)
 #endif
-            decode_sequence(q, key, value, out, table, context_lens[b], b, num_heads,
+            decode_sequence(qb, key, value, ob, table, context_lens[b], num_heads,
                             num_kv_heads, head_dim, block_size, block_stride, token_stride,
                             head_stride, scale, kind, cache_kind, key_scale, value_scale, mine);
         DENORMALS_RESTORE(csr);
