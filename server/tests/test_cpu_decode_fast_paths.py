@@ -142,6 +142,24 @@ def test_native_rms_norm_rounds_like_the_torch_path(tokens):
     assert (out != expected).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 64, 300])
+def test_native_add_and_norm_rounds_like_the_torch_path(tokens):
+    """A layer's residual add and the next norm: the sum to the bit, the norm as above."""
+    torch.manual_seed(tokens)
+    norm = RMSNorm((torch.rand(40) + 0.5).to(torch.bfloat16), eps=1e-5)
+    assert norm.native is not None, "the C kernel must build here (a compiler is on PATH)"
+    x = (torch.randn(tokens, 56) * 3).to(torch.bfloat16)[:, 8:48]  # rows 56 elements apart
+    residual = (torch.randn(tokens, 40) * 3).to(torch.bfloat16)
+    out, added = norm.add_and_norm(x, residual)
+    assert torch.equal(added, x + residual)  # rounded as torch's bf16 add rounds
+    torch.testing.assert_close(out, norm(x + residual), rtol=0.0, atol=0.0)
+    norm.native = None
+    expected, expected_added = norm.add_and_norm(x, residual)
+    assert torch.equal(added, expected_added)
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=0.0)
+    assert (out != expected).float().mean() < 0.01
+
+
 @pytest.mark.parametrize(("tokens", "hq", "hkv"), [(1, 9, 3), (5, 4, 4), (64, 8, 1), (300, 3, 1)])
 def test_native_rotary_matches_the_torch_path(tokens, hq, hkv):
     torch.manual_seed(hq)

@@ -173,6 +173,7 @@ def token_ops() -> ctypes.CDLL | None:
         textgen_rms_norm=[
             ctypes.c_void_p,  # x
             ctypes.c_int64,  # x row stride
+            *[ctypes.c_void_p] * 2,  # residual added to x first (or None), the sum's rows
             ctypes.c_void_p,  # weight
             ctypes.c_void_p,  # out
             *[ctypes.c_int64] * 2,  # tokens, hidden

@@ -23,12 +23,23 @@
 #define PARALLEL_MIN_TOKENS 32
 
 /* out[t] = weight * bf16(x[t] / sqrt(mean(x[t]^2) + eps)), as transformers' LlamaRMSNorm:
- * the variance in float32, the normalised row rounded to bf16, then the weight applied. */
-int textgen_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
-                     int64_t tokens, int64_t hidden, float eps, int threads) {
+ * the variance in float32, the normalised row rounded to bf16, then the weight applied.
+ * With a `residual` ([tokens, hidden] contiguous), x[t] is first replaced by the bf16 sum
+ * x[t] + residual[t], written to `sum` (as torch's bf16 add rounds it): a decoder layer's
+ * residual connection and the next norm in one pass. */
+int textgen_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *residual,
+                     uint16_t *sum, const uint16_t *weight, uint16_t *out, int64_t tokens,
+                     int64_t hidden, float eps, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (tokens >= PARALLEL_MIN_TOKENS)
     for (int64_t t = 0; t < tokens; t++) {
         const uint16_t *row = x + t * x_stride;
+        if (residual != NULL) {
+            uint16_t *added = sum + t * hidden;
+            const uint16_t *r = residual + t * hidden;
+            for (int64_t i = 0; i < hidden; i++)
+                added[i] = float_to_bf16(bf16_to_float(row[i]) + bf16_to_float(r[i]));
+            row = added;
+        }
         float sum = 0.0f;
         for (int64_t i = 0; i < hidden; i++) {
             const float v = bf16_to_float(row[i]);

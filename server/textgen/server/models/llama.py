@@ -151,13 +151,23 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         cache: LayerCache,
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(hidden), positions, cache, metadata)
-        hidden = hidden + attn
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))  # [T, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's output as (mlp output, residual): their sum is the hidden state.
+
+        The sum is left to the next norm, which adds it in its own pass; the first layer
+        takes the embeddings as `hidden` and no residual.
+        """
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        attn = self.self_attn(normed, positions, cache, metadata)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attn, residual)
+        return self.mlp(normed), residual  # [T, hidden] each
 
 
 class LlamaForCausalLM(CausalLM):
@@ -202,9 +212,9 @@ class LlamaForCausalLM(CausalLM):
         metadata: AttentionMetadata,
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, positions, kv_cache.layer(i), metadata)
+            hidden, residual = layer(hidden, residual, positions, kv_cache.layer(i), metadata)
         # NOTE: the norm is per token, so only the wanted rows need it and the head.
-        hidden = self.norm(hidden[logits_indices])  # [N, hidden]
+        hidden, _ = self.norm.add_and_norm(hidden[logits_indices], residual[logits_indices])
         return self.lm_head(hidden).float()  # [N, V]
