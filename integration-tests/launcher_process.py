@@ -27,6 +27,23 @@ class Launcher:
         return self.log_path.read_text(errors="replace")
 
 
+def shard_commands(launcher: Launcher) -> dict[int, tuple[int, list[str]]]:
+    """rank -> (pid, command line) of the launcher's shard children, read from /proc."""
+    shards = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == launcher.process.pid and "serve" in argv and "--rank" in argv:
+            shards[int(argv[argv.index("--rank") + 1])] = (int(proc.name), argv)
+    return shards
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

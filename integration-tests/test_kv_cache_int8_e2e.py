@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from launcher_process import Launcher, start_launcher, stop_launcher
+from launcher_process import Launcher, shard_commands, start_launcher, stop_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,8 @@ def test_two_shards_over_int8_caches_serve_one_shards_greedy_tokens(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    assert "--kv-cache-dtype int8" in " ".join(_shard_command_lines(int8_launcher))
+    commands = [" ".join(argv) for _, argv in shard_commands(int8_launcher).values()]
+    assert len(commands) == 2 and all("--kv-cache-dtype int8" in c for c in commands)
     exact = 0
     with httpx.Client(base_url=int8_launcher.url, timeout=120) as client:
         for prompt in PROMPTS:
@@ -75,19 +76,3 @@ def test_two_shards_over_int8_caches_serve_one_shards_greedy_tokens(
             assert (below_top <= TIE).all(), (prompt, below_top.tolist())
             exact += int((below_top == 0).sum())
     assert exact >= len(PROMPTS) * NEW_TOKENS - 3  # near ties are rare
-
-
-def _shard_command_lines(launcher: Launcher) -> list[str]:
-    """The command lines of the launcher's shard children, read from /proc."""
-    lines = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher.process.pid and b"serve" in argv:
-            lines.append(b" ".join(argv).decode())
-    return lines

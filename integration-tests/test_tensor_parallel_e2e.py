@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from launcher_process import Launcher, start_launcher, stop_launcher
+from launcher_process import Launcher, shard_commands, start_launcher, stop_launcher
 from reference import greedy_continuations
 
 pytestmark = pytest.mark.integration
@@ -58,20 +58,8 @@ def token_ids(response: httpx.Response) -> list[int]:
 
 
 def shard_pids(launcher: Launcher) -> dict[int, int]:
-    """rank -> pid of the launcher's shard children, read from /proc."""
-    pids = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == launcher.process.pid and b"serve" in argv and b"--rank" in argv:
-            pids[int(argv[argv.index(b"--rank") + 1])] = int(proc.name)
-    return pids
+    """rank -> pid of the launcher's shard children."""
+    return {rank: pid for rank, (pid, _) in shard_commands(launcher).items()}
 
 
 def test_two_shards_serve_behind_one_router(tp_launcher: Launcher):

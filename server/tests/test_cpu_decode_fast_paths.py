@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_builds import build_variant, cpu_has
 
 from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
@@ -250,22 +246,10 @@ def test_native_rotary_refuses_positions_past_its_table():
     rotary(torch.tensor([15]), q, k)  # the last position is fine
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _cpu_has("avx512f"), reason="the AVX-512 path needs an AVX-512 CPU")
+@pytest.mark.skipif(not cpu_has("avx512f"), reason="the AVX-512 path needs an AVX-512 CPU")
 def test_the_avx512_path_without_avx512_bf16_matches_sdpa(tmp_path):
     """CPUs with AVX-512 but no AVX512_BF16 take float32 products for q . k and p . v."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    source = Path(kernels.__file__).parent / "paged_attention.c"
-    built = tmp_path / "no_bf16.so"
-    flags = ["-O2", "-march=native", "-mno-avx512bf16", "-fopenmp", "-shared", "-fPIC"]
-    subprocess.run([compiler, *flags, "-std=c11", str(source), "-o", str(built), "-lm"], check=True)
-    library = ctypes.CDLL(str(built))
+    library = build_variant(tmp_path, "paged_attention", "-march=native", "-mno-avx512bf16")
     library.textgen_paged_decode.argtypes = kernels.paged_attention().textgen_paged_decode.argtypes
     torch.manual_seed(2)
     hq, hkv, d, block_size, lengths = 9, 3, 64, 16, [1, 17, 45]

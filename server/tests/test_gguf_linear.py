@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from gguf_testing import dequantized, make_blocks
+from kernel_builds import build_variant
 from safetensors import safe_open
 
 from textgen.server import kernels
@@ -44,12 +42,7 @@ def test_kernel_matches_the_product_with_dequantized_weights(kind, num_tokens, i
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for the x86-64 baseline")
 def test_portable_c_path_matches_too(tmp_path):
     """The plain C loop (no AVX-512) that other CPUs build, compiled here for the baseline ISA."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    source = Path(kernels.__file__).parent / "gguf_linear.c"
-    built = tmp_path / "portable.so"
-    flags = ["-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-    subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True)
-    entry = ctypes.CDLL(str(built)).textgen_gguf_linear
+    entry = build_variant(tmp_path, "gguf_linear", "-march=x86-64").textgen_gguf_linear
     entry.argtypes = kernels.gguf_linear().textgen_gguf_linear.argtypes
     torch.manual_seed(3)
     for kind in ("Q4_0", "Q4_1", "Q8_0"):

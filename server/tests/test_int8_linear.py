@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import platform
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from gguf_testing import dequantized, make_blocks
+from kernel_builds import build_variant
 
 from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
@@ -214,12 +211,7 @@ def test_split_weights_give_the_same_product(real_model_dir, name):
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for the x86-64 baseline")
 def test_a_build_without_vnni_says_so_and_the_layers_keep_their_products(tmp_path, monkeypatch):
     """Other CPUs build the kernel without VNNI: it reports itself unavailable."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    source = Path(kernels.__file__).parent / "int8_linear.c"
-    built = tmp_path / "portable.so"
-    flags = ["-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-    subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True)
-    library = ctypes.CDLL(str(built))
+    library = build_variant(tmp_path, "int8_linear", "-march=x86-64")
     assert library.textgen_int8_available() == 0
     entry = library.textgen_int8_linear
     entry.argtypes = kernels.int8_linear().textgen_int8_linear.argtypes

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_builds import build_variant, cpu_has
 
 from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
@@ -196,22 +192,10 @@ def test_prefill_and_mixed_batches_read_an_int8_cache():
             torch.testing.assert_close(out[row].double(), expected, atol=8e-3, rtol=8e-3)
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _cpu_has("avx512bw"), reason="the AVX-512 path needs AVX512BW")
+@pytest.mark.skipif(not cpu_has("avx512bw"), reason="the AVX-512 path needs AVX512BW")
 def test_the_int8_path_without_avx512_vnni_matches_sdpa(tmp_path):
     """Without AVX512_VNNI the 16-bit products are vpmaddwd and an add."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    source = Path(kernels.__file__).parent / "paged_attention.c"
-    built = tmp_path / "no_vnni.so"
-    flags = ["-O2", "-march=native", "-mno-avx512vnni", "-fopenmp", "-shared", "-fPIC"]
-    subprocess.run([compiler, *flags, "-std=c11", str(source), "-o", str(built), "-lm"], check=True)
-    library = ctypes.CDLL(str(built))
+    library = build_variant(tmp_path, "paged_attention", "-march=native", "-mno-avx512vnni")
     library.textgen_paged_decode.argtypes = _library().textgen_paged_decode.argtypes
     torch.manual_seed(2)
     lengths = [1, 17, 45]

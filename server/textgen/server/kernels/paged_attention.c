@@ -183,6 +183,17 @@ static inline __m512 sum16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, even), _mm512_shuffle_f32x4(y0, y1, odd));
 }
 
+/* Two tokens' rows of 64 16-bit values (a0 a1 and b0 b1, 32 each) interleaved as pairs
+ * (a[d], b[d]) for the pairwise dot-product instructions: lane l of pairs[j] holds
+ * dimension 32 * (j / 2) + 8 * (l / 4) + 4 * (j % 2) + l % 4 (see PAIR_ORDER). */
+static inline void interleave_pairs(__m512i a0, __m512i a1, __m512i b0, __m512i b1,
+                                    __m512i pairs[4]) {
+    pairs[0] = _mm512_unpacklo_epi16(a0, b0);
+    pairs[1] = _mm512_unpackhi_epi16(a0, b0);
+    pairs[2] = _mm512_unpacklo_epi16(a1, b1);
+    pairs[3] = _mm512_unpackhi_epi16(a1, b1);
+}
+
 #if defined(__AVX512BF16__)
 /* 64 dimensions of q . k as 16 partial sums: bf16 pairs multiplied exactly, summed in
  * float32 (vdpbf16ps). `qv` holds the query chunk as loaded, two vectors of 32 bf16. */
@@ -236,10 +247,8 @@ static inline __attribute__((always_inline)) void value_tokens(
             b0 = _mm512_loadu_si512(v + token_stride);
             b1 = _mm512_loadu_si512(v + token_stride + 32);
         }
-        const __m512i pairs[4] = {
-            _mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
-            _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1),
-        };
+        __m512i pairs[4];
+        interleave_pairs(a0, a1, b0, b1, pairs);
         for (int g = 0; g < G; g++) {
             uint32_t two;
             memcpy(&two, p + g * stride + i, sizeof two);
@@ -646,10 +655,8 @@ static inline __attribute__((always_inline)) void decode_sequence_int8(
                         b0 = load32_int8(v + token_stride);
                         b1 = load32_int8(v + token_stride + 32);
                     }
-                    const __m512i pairs[4] = {
-                        _mm512_unpacklo_epi16(a0, b0), _mm512_unpackhi_epi16(a0, b0),
-                        _mm512_unpacklo_epi16(a1, b1), _mm512_unpackhi_epi16(a1, b1),
-                    };
+                    __m512i pairs[4];
+                    interleave_pairs(a0, a1, b0, b1, pairs);
                     for (int g = 0; g < G; g++) {
                         /* p[t], p[t + 1] of this head: rows are 2 * context int16 apart */
                         uint32_t two;
