@@ -124,7 +124,10 @@ class LayerCache:
             scales[slots // self.block_size, :, slots % self.block_size] = scale
 
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values at `slots` (any shape S), as `dtype`: [*S, Hkv, D] each."""
+        """The keys and values at `slots` (any shape S): [*S, Hkv, D] each.
+
+        An int8 cache's rows come dequantized, as `dtype`; others as they are stored.
+        """
         key, value = self.flat()
         if not self.quantized:
             return key[slots], value[slots]
@@ -157,7 +160,9 @@ def _dequantize(rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
 
 def _store_native(cache: LayerCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The C store kernel where it serves these tensors: True if it ran."""
-    if k.dtype not in (torch.float32, torch.bfloat16) or k.device.type != "cpu":
+    if k.dtype not in (torch.float32, torch.bfloat16) or v.dtype != k.dtype:
+        return False
+    if k.device.type != "cpu":
         return False
     library = kernels.paged_attention()
     if library is None:
