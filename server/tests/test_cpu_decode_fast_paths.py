@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_testing import decode_metadata
 from kernel_builds import build_variant, cpu_has
 
 from textgen.server import kernels
@@ -30,18 +31,6 @@ def _reference(q, key, value, table: list[int], length: int) -> torch.Tensor:
     k = key.view(-1, hkv, d)[slots].transpose(0, 1).double()  # [Hkv, L, D]
     v = value.view(-1, hkv, d)[slots].transpose(0, 1).double()
     return F.scaled_dot_product_attention(q.double().unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
-
-
-def _decode_metadata(lengths: list[int], tables: list[list[int]], block_size: int):
-    """One decode token per sequence over contexts of `lengths` tokens."""
-    return AttentionMetadata(
-        slots=torch.zeros(len(lengths), dtype=torch.long),
-        query_lens=[1] * len(lengths),
-        context_lens=torch.tensor(lengths),
-        block_tables=torch.tensor(tables),
-        block_size=block_size,
-        max_context_len=max(lengths),
-    )
 
 
 @pytest.mark.parametrize("decode", [_decode, _native], ids=["torch", "native"])
@@ -96,7 +85,7 @@ def test_native_decode_on_awkward_shapes(hq, hkv, d, block_size, lengths, dtype)
         tables.append(order[used : used + count] + [0] * (max(blocks_per_seq) - count))
         used += count
     q = torch.randn(len(lengths), hq, d).to(dtype)
-    meta = _decode_metadata(lengths, tables, block_size)
+    meta = decode_metadata(lengths, tables, block_size)
     out = _native(q, LayerCache(key, value), meta)  # [B, Hq, D]
     assert out.dtype == dtype
     for b, n in enumerate(lengths):
@@ -258,7 +247,7 @@ def test_the_avx512_path_without_avx512_bf16_matches_sdpa(tmp_path):
     value = torch.randn(num_blocks, block_size, hkv, d).bfloat16()
     tables = [[0, 0, 0], [1, 2, 0], [3, 4, 5]]
     q = torch.randn(len(lengths), hq, d).bfloat16()
-    meta = _decode_metadata(lengths, tables, block_size)
+    meta = decode_metadata(lengths, tables, block_size)
     out = _native_decode(library, q, LayerCache(key, value), meta)
     for b, n in enumerate(lengths):
         expected = _reference(q[b], key, value, tables[b], n)
@@ -276,7 +265,7 @@ def test_native_decode_reads_query_rows_in_place(dtype):
     qkv = torch.randn(len(lengths), (hq + 2 * hkv) * d).to(dtype)
     q = qkv[:, : hq * d].view(len(lengths), hq, d)  # rows (hq + 2 hkv) d apart
     assert not q.is_contiguous()
-    meta = _decode_metadata(lengths, tables, block_size)
+    meta = decode_metadata(lengths, tables, block_size)
     out = _native(q, LayerCache(key, value), meta)
     assert torch.equal(out, _native(q.contiguous(), LayerCache(key, value), meta))
     for b, n in enumerate(lengths):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_testing import decode_metadata
 from kernel_builds import build_variant, cpu_has
 
 from textgen.server import kernels
@@ -110,17 +111,6 @@ def _filled(hkv: int, d: int, block_size: int, lengths: list[int], dtype: torch.
     return cache, tables
 
 
-def _decode_metadata(lengths: list[int], tables: list[list[int]], block_size: int):
-    return AttentionMetadata(
-        slots=torch.zeros(len(lengths), dtype=torch.long),
-        query_lens=[1] * len(lengths),
-        context_lens=torch.tensor(lengths),
-        block_tables=torch.tensor(tables),
-        block_size=block_size,
-        max_context_len=max(lengths),
-    )
-
-
 @pytest.mark.parametrize(
     ("hq", "hkv", "d", "block_size", "lengths"),
     [
@@ -143,7 +133,7 @@ def test_decode_over_an_int8_cache_matches_sdpa_over_its_values(
     torch.manual_seed(1)
     cache, tables = _filled(hkv, d, block_size, lengths, dtype)
     q = torch.randn(len(lengths), hq, d).to(dtype)
-    meta = _decode_metadata(lengths, tables, block_size)
+    meta = decode_metadata(lengths, tables, block_size)
     if decode == "native":
         out = _native_decode(_library(), q, cache, meta)
     else:
@@ -201,7 +191,7 @@ def test_the_int8_path_without_avx512_vnni_matches_sdpa(tmp_path):
     lengths = [1, 17, 45]
     cache, tables = _filled(3, 64, 16, lengths, torch.bfloat16)
     q = torch.randn(len(lengths), 9, 64).bfloat16()
-    out = _native_decode(library, q, cache, _decode_metadata(lengths, tables, 16))
+    out = _native_decode(library, q, cache, decode_metadata(lengths, tables, 16))
     for b, n in enumerate(lengths):
         expected = _reference(q[b], cache, tables[b], n)
         torch.testing.assert_close(out[b].double(), expected, atol=8e-3, rtol=8e-3)
