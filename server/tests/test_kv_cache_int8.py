@@ -225,7 +225,17 @@ def test_default_model_with_an_int8_cache_stays_close_to_float32(real_model_dir,
 
 
 def test_decode_steps_over_an_int8_cache_follow_the_prefill(real_model_dir):
-    """Tokens decoded one by one see the same quantized context as a prefill of them all."""
+    """Tokens decoded one by one see the same quantized context as a prefill of them all.
+
+    Not to the bit: a token's keys and values computed alone or in a batch differ in their
+    last float bits (the products sum in another order), and where such a value lies on a
+    rounding boundary of the int8 grid the two caches store it one step apart, a
+    difference the later layers carry on. Those are single steps at the few entries near a
+    boundary, where rounding the cache to the grid at all moves every entry by up to half a
+    step. So the bound is the int8 cache's own effect, measured here: decoding one by one
+    must move the logits less than the int8 cache moves them from a float32 cache's. The
+    float bits differ from CPU to CPU; this argument does not.
+    """
     runner = ModelRunner.load(
         real_model_dir, torch.float32, 16, ParallelGroup(), CPU, kv_cache_dtype="int8"
     )
@@ -241,7 +251,7 @@ def test_decode_steps_over_an_int8_cache_follow_the_prefill(real_model_dir):
         step = SequenceInput([tokens[-1]], position, slot, table)
     decoded = runner.forward([step])[0][-1]
     prefill = _all_logits(runner, tokens)
-    # Not to the bit: a token's keys computed alone or in a batch differ in their last
-    # float bits, which can move a value across a rounding step of the int8 grid.
-    torch.testing.assert_close(decoded, prefill[-1], atol=0.1, rtol=0)
+    float_cache = ModelRunner.load(real_model_dir, torch.float32, 16, ParallelGroup(), CPU)
+    reference = _all_logits(float_cache, tokens)[-1]
+    assert (decoded - prefill[-1]).norm() < (prefill[-1] - reference).norm()
     assert prefill[len(prompt) - 1 : -1].argmax(-1).tolist() == tokens[len(prompt) :]
