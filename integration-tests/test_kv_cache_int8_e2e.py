@@ -43,10 +43,10 @@ def one_shard_logits(model_dir: Path, prompt: list[int], served: list[int]):
 
     from textgen.server.distributed import ParallelGroup
     from textgen.server.model_runner import ModelRunner, SequenceInput
+    from textgen.server.platform import Platform
 
-    runner = ModelRunner.load(
-        model_dir, torch.float32, 16, ParallelGroup(), torch.device("cpu"), kv_cache_dtype="int8"
-    )
+    platform = Platform.detect(torch.device("cpu"), "float32")
+    runner = ModelRunner.load(model_dir, platform, 16, ParallelGroup(), kv_cache_dtype="int8")
     tokens = prompt + served
     runner.allocate_kv_cache(len(tokens) // 16 + 2)
     table = list(range(1, len(tokens) // 16 + 2))

@@ -1,11 +1,13 @@
 """The CPU decode attention kernel alone: one decode step's attention over a paged cache.
 
-Times `textgen.server.attention.cpu`'s native kernel for every layer of the default
+Times the native operator `kernels.paged_decode` for every layer of the default
 model's shape (9 query heads, 3 KV heads, head_dim 64, 30 layers, blocks of 16 tokens)
 at a batch of sequences with the same context, and reports the rate at which the step
-reads the cache (keys and values, bf16; int8 and their scales with `--kv-cache-dtype
-int8`, the cache kind of the shard's flag). `--scattered` gives each sequence its blocks
-in random order, as a long-running cache does; by default they lie in address order.
+reads the cache (keys and values in the queries' dtype, by default the platform's; int8
+and their scales with `--kv-cache-dtype int8`, the cache kind of the shard's flag). The
+ISA level is the platform's (TEXTGEN_CPU_ISA selects another). `--scattered` gives each
+sequence its blocks in random order, as a long-running cache does; by default they lie in
+address order.
 `--resident` reuses one layer's cache for every layer, so that it stays in the CPU's
 caches: the kernel's arithmetic without the memory traffic.
 
@@ -19,10 +21,10 @@ import time
 
 import torch
 
-from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
 from textgen.server.attention.cpu import _native_decode
 from textgen.server.kv_cache import KVCache, KVCacheSpec
+from textgen.server.platform import Platform
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
 
@@ -36,17 +38,21 @@ def main() -> None:
     parser.add_argument("--scattered", action="store_true")
     parser.add_argument("--resident", action="store_true")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    library = kernels.paged_attention()
-    if library is None:
-        raise SystemExit("no paged attention kernel here (needs a C compiler)")
+    platform = Platform.detect(torch.device("cpu"), args.dtype)
+    if not platform.native_ops:
+        raise SystemExit(f"no native attention operator here: {platform.describe()}")
     torch.manual_seed(0)
     layout = "scattered" if args.scattered else "in order"
     where = "one layer's cache, resident" if args.resident else f"{LAYERS} layers' caches"
-    kind = "int8" if args.kv_cache_dtype == "int8" else "bf16"
-    cache_dtype = torch.int8 if args.kv_cache_dtype == "int8" else torch.bfloat16
-    print(f"{args.threads} thread(s), bf16 queries, {kind} cache, blocks {layout}, {where}")
+    dtype = platform.dtype
+    cache_dtype = torch.int8 if args.kv_cache_dtype == "int8" else dtype
+    print(
+        f"{args.threads} thread(s), {platform.describe()}, {str(dtype)[6:]} queries, "
+        f"{str(cache_dtype)[6:]} cache, blocks {layout}, {where}"
+    )
     print(f"{'batch':>6} {'context':>8} {'ms/step':>8} {'GB/s':>6}")
     for batch in args.batch_size:
         for context in args.context:
@@ -64,17 +70,17 @@ def main() -> None:
             spec = KVCacheSpec(
                 1 if args.resident else LAYERS, KV_HEADS, HEAD_DIM, BLOCK, cache_dtype
             )
-            cache = KVCache(spec, num_blocks, torch.device("cpu"))
+            cache = KVCache(spec, num_blocks, torch.device("cpu"), native=True)
             caches = [cache.layer(i) for i in range(spec.num_layers)]
             slots = torch.arange(num_blocks * BLOCK)
             for layer in caches:
-                rows = torch.randn(num_blocks * BLOCK, KV_HEADS, HEAD_DIM).bfloat16()
+                rows = torch.randn(num_blocks * BLOCK, KV_HEADS, HEAD_DIM).to(dtype)
                 layer.store(slots, rows, torch.randn_like(rows))
-            q = torch.randn(batch, HEADS, HEAD_DIM).bfloat16()
+            q = torch.randn(batch, HEADS, HEAD_DIM).to(dtype)
 
             def step(caches=caches, q=q, meta=meta) -> None:
                 for layer in range(LAYERS):
-                    _native_decode(library, q, caches[layer % len(caches)], meta)
+                    _native_decode(q, caches[layer % len(caches)], meta)
 
             step()  # warm-up
             best = float("inf")

@@ -7,7 +7,8 @@ each sequence with a 200-token context. The quickest A/B for shard-side speed wo
     python benchmark/scripts/decode_step.py --threads 2 --batch-size 1 16 64
     python benchmark/scripts/decode_step.py --threads 2 --int8-activations --prefill-prompts 20
     python benchmark/scripts/decode_step.py --threads 2 --kv-cache-dtype int8 --batch-size 64
-    TEXTGEN_NATIVE_KERNELS=0 python benchmark/scripts/decode_step.py   # torch attention
+    TEXTGEN_CPU_ISA=none python benchmark/scripts/decode_step.py   # no native operators
+    TEXTGEN_CPU_ISA=avx2 python benchmark/scripts/decode_step.py   # the AVX2 builds
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from textgen.launcher.model import resolve_model
 from textgen.server.distributed import ParallelGroup
 from textgen.server.model_runner import ModelRunner, SequenceInput
+from textgen.server.platform import Platform
 
 BLOCK_SIZE = 16
 CONTEXT = 200
@@ -61,7 +63,7 @@ def median_ms(step: Callable[[], object], runs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", help="default: the default model, converted")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--runs", type=int, default=8)
@@ -72,12 +74,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir or str(resolve_model(None)))
+    platform = Platform.detect(torch.device("cpu"), args.dtype)
     runner = ModelRunner.load(
         model_dir,
-        getattr(torch, args.dtype),
+        platform,
         BLOCK_SIZE,
         ParallelGroup(),
-        torch.device("cpu"),
         int8_activations=args.int8_activations,
         kv_cache_dtype=args.kv_cache_dtype,
     )
@@ -86,7 +88,7 @@ def main() -> None:
     runner.allocate_kv_cache(max(*args.batch_size, prompts) * blocks_each + 1)
     int8 = ", int8 activations" if args.int8_activations else ""
     int8 += ", int8 KV cache" if args.kv_cache_dtype == "int8" else ""
-    print(f"{args.dtype}{int8}, {args.threads} thread(s), contexts of {CONTEXT} tokens")
+    print(f"{platform.describe()}{int8}, {args.threads} thread(s), contexts of {CONTEXT} tokens")
     ms = median_ms(lambda: runner.forward(sequences(prompts, CONTEXT, CONTEXT, blocks_each)), 2)
     rate = prompts * CONTEXT / ms * 1000
     print(f"prefill {prompts} x {CONTEXT}: {ms:.1f} ms ({rate:.0f} tokens/s)")

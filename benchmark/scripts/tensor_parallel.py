@@ -26,6 +26,7 @@ MEMORY_WORKER = """
 import json, sys, torch
 from textgen.server.distributed import ParallelGroup
 from textgen.server.model_runner import ModelRunner
+from textgen.server.platform import Platform
 
 def status_kib(key):
     for line in open("/proc/self/status"):
@@ -34,8 +35,8 @@ def status_kib(key):
 
 model_dir, rank, world_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 before = status_kib("RssAnon")
-runner = ModelRunner.load(model_dir, torch.float32, 16, ParallelGroup(rank, world_size),
-                          torch.device("cpu"))
+platform = Platform.detect(torch.device("cpu"), "float32")
+runner = ModelRunner.load(model_dir, platform, 16, ParallelGroup(rank, world_size))
 after = status_kib("RssAnon")
 tensors = {p.data_ptr(): p.numel() * p.element_size() for p in runner.model.parameters()}
 print(json.dumps({"param_bytes": sum(tensors.values()), "rss_added_kib": after - before}))

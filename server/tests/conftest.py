@@ -1,4 +1,5 @@
-"""Shared fixtures: the real default model and tiny random-weight Llamas."""
+"""Shared fixtures: the native operators' ISA levels, the real default model and tiny
+random-weight Llamas."""
 
 from __future__ import annotations
 
@@ -7,6 +8,63 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from textgen.server import kernels
+from textgen.server.platform import Platform
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_up_platform() -> Platform:
+    """The platform as a shard's start-up decides it: TEXTGEN_CPU_ISA, when set, selects
+    the level every test below runs on unless it asks for another (`isa`)."""
+    return Platform.detect(CPU)
+
+
+@pytest.fixture(params=kernels.isa_levels() or ["unbuilt"])
+def isa(request) -> str:
+    """Each ISA level of the native operators this CPU runs, selected for one test.
+
+    On an AVX-512 machine a kernel test runs on the baseline, AVX2 and both AVX-512
+    builds; on an AVX2 machine on the first two.
+    """
+    assert kernels.available(), "the native operators must be built (make install builds them)"
+    previous = kernels.selected_isa()
+    kernels.select_isa(request.param)
+    yield request.param
+    kernels.select_isa(previous)
+
+
+def _int8_levels() -> list[str]:
+    """The levels that have an int8 product of their own."""
+    if not kernels.available():
+        return []
+    previous, levels = kernels.selected_isa(), []
+    for level in kernels.isa_levels():
+        kernels.select_isa(level)
+        if kernels.int8_isa() == level:
+            levels.append(level)
+    kernels.select_isa(previous)
+    return levels
+
+
+INT8_LEVELS = _int8_levels()
+
+
+@pytest.fixture(params=INT8_LEVELS or [pytest.param("none", marks=pytest.mark.skip("no int8"))])
+def int8_isa(request) -> str:
+    """Each ISA level with an int8 product of its own, selected for one test."""
+    previous = kernels.selected_isa()
+    kernels.select_isa(request.param)
+    yield request.param
+    kernels.select_isa(previous)
+
+
+def cpu_platform(dtype: torch.dtype) -> Platform:
+    """The CPU platform of a shard of `dtype` here, at the ISA level selected now."""
+    isa = kernels.selected_isa() if kernels.available() else "none"
+    return Platform.detect(CPU, str(dtype).removeprefix("torch."), isa)
 
 
 @pytest.fixture(scope="session")

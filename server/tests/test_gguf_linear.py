@@ -2,60 +2,46 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_platform
 from gguf_testing import dequantized, make_blocks
-from kernel_builds import build_variant
 from safetensors import safe_open
 
-from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.layers import gguf
 from textgen.server.model_runner import ModelRunner, SequenceInput
+from textgen.server.platform import Platform
 from textgen.server.weights import Weights
 
 BLOCK_SIZE = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernel_builds() -> None:
-    assert kernels.gguf_linear() is not None, "the C kernel must build here (a compiler is on PATH)"
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize("in_features", [32, 96, 256])  # 1, 3 (odd: the tail block) and 8 blocks
-def test_kernel_matches_the_product_with_dequantized_weights(kind, num_tokens, in_features):
+def test_kernel_matches_the_product_with_dequantized_weights(kind, num_tokens, in_features, isa):
     torch.manual_seed(num_tokens * in_features)
     blocks = make_blocks(torch.randn(7, in_features), kind)
-    x = torch.randn(num_tokens, in_features).to(torch.bfloat16)
-    out = gguf.gguf_linear(x, blocks)  # [T, 7] bf16
-    expected = (x.double() @ dequantized(blocks).double().T).to(torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, 7)
+    x = torch.randn(num_tokens, in_features)
+    weight = dequantized(blocks).double()
+    exact = x.double() @ weight.T
+    out = gguf.gguf_linear(x, blocks)  # [T, 7] float32
+    assert out.dtype == torch.float32 and out.shape == (num_tokens, 7)
+    # Exact weights, float32 products and sums: Higham's bound, in * 2^-24 of sum |w x|.
+    bound = in_features * 2**-24 * (x.double().abs() @ weight.abs().T)
+    assert ((out.double() - exact).abs() <= bound).all()
+    out = gguf.gguf_linear(x.to(torch.bfloat16), blocks)  # [T, 7] bf16
+    expected = (x.to(torch.bfloat16).double() @ weight.T).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
     # float32 sums rounded once to bf16: at most one bf16 step from the exact result's rounding
     torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for the x86-64 baseline")
-def test_portable_c_path_matches_too(tmp_path):
-    """The plain C loop (no AVX-512) that other CPUs build, compiled here for the baseline ISA."""
-    entry = build_variant(tmp_path, "gguf_linear", "-march=x86-64").textgen_gguf_linear
-    entry.argtypes = kernels.gguf_linear().textgen_gguf_linear.argtypes
-    torch.manual_seed(3)
-    for kind in ("Q4_0", "Q4_1", "Q8_0"):
-        blocks = make_blocks(torch.randn(5, 96), kind)
-        x = torch.randn(6, 96).to(torch.bfloat16)
-        out = torch.empty(6, 5, dtype=torch.bfloat16)
-        type_id = gguf.GGML_TYPES[kind][0]
-        args = (x.data_ptr(), 96, blocks.data.data_ptr(), type_id, out.data_ptr(), 5, 6, 5, 96)
-        assert entry(*args, 1, 2) == 0
-        torch.testing.assert_close(out, gguf.gguf_linear(x, blocks), rtol=2**-7, atol=1e-3)
-
-
-def test_kernel_reads_strided_rows():
+def test_kernel_reads_strided_rows(isa):
     torch.manual_seed(1)
     blocks = make_blocks(torch.randn(5, 64), "Q4_1")
     wide = torch.randn(3, 100).to(torch.bfloat16)
@@ -78,8 +64,8 @@ def test_columns_are_sliced_on_block_bounds_only():
 def test_the_kernel_serves_small_batches_only():
     blocks = make_blocks(torch.randn(3, 32), "Q4_0")
     assert gguf.applies(torch.zeros(gguf.MAX_TOKENS, 32, dtype=torch.bfloat16), blocks)
+    assert gguf.applies(torch.zeros(gguf.MAX_TOKENS, 32), blocks)
     assert not gguf.applies(torch.zeros(gguf.MAX_TOKENS + 1, 32, dtype=torch.bfloat16), blocks)
-    assert not gguf.applies(torch.zeros(1, 32), blocks)  # float32 keeps the plain product
     assert not gguf.applies(torch.zeros(1, 32, dtype=torch.bfloat16), None)
 
 
@@ -99,7 +85,7 @@ def _weight(model_dir: Path, name: str) -> torch.Tensor:
 )
 @pytest.mark.parametrize("rank", [0, 1])
 def test_converted_default_model_keeps_blocks_equal_to_its_weights(real_model_dir, name, rank):
-    weights = Weights(real_model_dir, torch.bfloat16, torch.device("cpu"), ParallelGroup(rank, 2))
+    weights = Weights(real_model_dir, cpu_platform(torch.bfloat16), ParallelGroup(rank, 2))
     saved = _weight(real_model_dir, name)  # float32, as transformers dequantized it
     rows = weights.shard_range(name, 0)
     assert torch.equal(dequantized(weights.blocks(name, rows=rows)), saved[rows[0] : rows[1]])
@@ -108,9 +94,12 @@ def test_converted_default_model_keeps_blocks_equal_to_its_weights(real_model_di
     assert torch.equal(dequantized(sliced), saved[:, columns[0] : columns[1]])
 
 
-def test_float32_shards_do_not_load_blocks(real_model_dir):
-    weights = Weights(real_model_dir, torch.float32, torch.device("cpu"), ParallelGroup())
-    assert weights.blocks("model.layers.0.mlp.down_proj.weight") is None
+def test_blocks_are_loaded_where_the_native_operators_serve(real_model_dir):
+    name = "model.layers.0.mlp.down_proj.weight"
+    for dtype in (torch.float32, torch.bfloat16):
+        assert Weights(real_model_dir, cpu_platform(dtype), ParallelGroup()).blocks(name)
+    without = Platform.detect(CPU, "float32", isa="none")
+    assert Weights(real_model_dir, without, ParallelGroup()).blocks(name) is None
 
 
 def _step_logits(runner: ModelRunner, prompt: list[int], copies: int) -> torch.Tensor:
@@ -138,8 +127,9 @@ def _step_logits(runner: ModelRunner, prompt: list[int], copies: int) -> torch.T
 
 
 def test_default_model_decodes_on_blocks_close_to_float32(real_model_dir):
-    cpu = torch.device("cpu")
-    bf16 = ModelRunner.load(real_model_dir, torch.bfloat16, BLOCK_SIZE, ParallelGroup(), cpu)
+    bf16 = ModelRunner.load(
+        real_model_dir, cpu_platform(torch.bfloat16), BLOCK_SIZE, ParallelGroup()
+    )
     if bf16.model.lm_head.packed is None:
         pytest.skip("this CPU has no native bf16")
     layer = bf16.model.layers[0]
@@ -149,7 +139,7 @@ def test_default_model_decodes_on_blocks_close_to_float32(real_model_dir):
 
     prompt = [1, 504, 3458, 282, 4649, 314, 4182, 30, 378, 3458, 282]
     reference = _step_logits(
-        ModelRunner.load(real_model_dir, torch.float32, BLOCK_SIZE, ParallelGroup(), cpu),
+        ModelRunner.load(real_model_dir, cpu_platform(torch.float32), BLOCK_SIZE, ParallelGroup()),
         prompt,
         copies=1,
     )[0]

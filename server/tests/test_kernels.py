@@ -1,36 +1,154 @@
-"""The C kernels: how they are built, cached and switched off.
+"""The native operators as torch sees them: their ISA levels, schemas, fake tensors, checks,
+and the platform that chooses them.
 
-What they compute is tested against plain torch next to the code that calls them
-(`test_cpu_decode_fast_paths.py`)."""
+What each one computes is tested against plain torch next to the code that calls it
+(`test_cpu_decode_fast_paths.py`, `test_gguf_linear.py`, `test_int8_linear.py`,
+`test_kv_cache_int8.py`, `test_sampling.py`)."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
+import torch
+from gguf_testing import make_blocks
 
 from textgen.server import kernels
+from textgen.server.platform import ISA_ENV, Platform
+
+CPU = torch.device("cpu")
 
 
-def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEXTGEN_KERNEL_CACHE", str(tmp_path))
-    first = kernels.build("paged_attention")
-    assert first.parent == tmp_path and first.suffix == ".so"
-    stamp = first.stat().st_mtime_ns
-    assert kernels.build("paged_attention") == first
-    assert first.stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left over
+def test_the_operators_are_built_and_every_cpu_runs_the_baseline():
+    assert kernels.available(), "the native operators must be built (make install builds them)"
+    levels = kernels.isa_levels()
+    assert levels[0] == "baseline"
+    if platform.machine() == "x86_64":
+        assert "avx2" in levels  # every CPU these tests run on has AVX2
+        assert set(levels) <= {"baseline", "avx2", "avx512", "avx512_bf16"}
 
 
-def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEXTGEN_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.raises(RuntimeError, match="no C compiler"):
-        kernels.build("paged_attention")
+def test_a_level_the_cpu_cannot_run_is_refused():
+    with pytest.raises(ValueError, match="no kernels are built"):
+        kernels.select_isa("avx9000")
+    if "avx512" not in kernels.isa_levels() and platform.machine() == "x86_64":
+        with pytest.raises(ValueError, match="cannot run"):
+            kernels.select_isa("avx512")
 
 
-def test_switched_off_by_environment(monkeypatch):
-    kernels.paged_attention.cache_clear()
-    monkeypatch.setenv("TEXTGEN_NATIVE_KERNELS", "0")
+def test_the_platform_takes_the_best_level_or_the_one_it_is_told(monkeypatch):
+    previous = kernels.selected_isa()
     try:
-        assert kernels.paged_attention() is None
+        monkeypatch.delenv(ISA_ENV, raising=False)
+        best = Platform.detect(CPU, "float32")
+        assert best.isa == kernels.isa_levels()[-1] == kernels.selected_isa()
+        assert best.native_ops and best.gguf_blocks
+        monkeypatch.setenv(ISA_ENV, "baseline")
+        forced = Platform.detect(CPU, "float32")
+        assert forced.isa == "baseline" == kernels.selected_isa()
+        assert forced.int8_isa is None  # no int8 product in the baseline build
+        monkeypatch.setenv(ISA_ENV, "none")
+        off = Platform.detect(CPU, "float32")
+        assert off.isa is None and not off.native_ops and not off.gguf_blocks
+        assert "no native CPU operators" in off.describe()
+        monkeypatch.setenv(ISA_ENV, "avx9000")
+        with pytest.raises(ValueError, match=ISA_ENV):
+            Platform.detect(CPU, "float32")
     finally:
-        kernels.paged_attention.cache_clear()
+        kernels.select_isa(previous)
+
+
+def test_the_default_dtype_follows_native_bf16():
+    detected = Platform.detect(CPU)
+    assert detected.dtype == (torch.bfloat16 if detected.native_bf16 else torch.float32)
+    assert Platform.detect(CPU, "bfloat16").dtype == torch.bfloat16
+    assert not Platform.detect(CPU, "float16").native_ops  # the operators take f32 and bf16
+
+
+def _cases() -> dict[str, tuple]:
+    """One valid call of each operator."""
+    torch.manual_seed(0)
+    key = torch.randn(4, 4, 2, 16)
+    blocks = make_blocks(torch.randn(32, 64), "Q4_1")
+    return {
+        "paged_decode": (
+            torch.randn(2, 4, 16),
+            key,
+            torch.randn_like(key),
+            torch.tensor([[0, 1], [2, 3]]),
+            torch.tensor([5, 8]),
+            0.25,
+            None,
+            None,
+        ),
+        "kv_store_int8": (
+            torch.randn(3, 2, 16),
+            torch.randn(3, 2, 16),
+            torch.tensor([0, 5, 9]),
+            torch.zeros(4, 4, 2, 16, dtype=torch.int8),
+            torch.zeros(4, 4, 2, 16, dtype=torch.int8),
+            torch.zeros(4, 2, 4),
+            torch.zeros(4, 2, 4),
+        ),
+        "gguf_linear": (torch.randn(3, 64), blocks.data, kernels.GGML_TYPE_IDS["Q4_1"]),
+        "int8_pack": (blocks.data, kernels.GGML_TYPE_IDS["Q4_1"]),
+        "rms_norm": (torch.randn(3, 16), torch.rand(16), 1e-5),
+        "add_rms_norm": (torch.randn(3, 16), torch.randn(3, 16), torch.rand(16), 1e-5),
+        "rotary_": (
+            torch.randn(3, 4, 8),
+            torch.randn(3, 2, 8),
+            torch.tensor([0, 1, 7]),
+            torch.rand(8, 8),
+            torch.rand(8, 8),
+        ),
+        "silu_and_mul": (torch.randn(3, 32),),
+        "row_stats": (torch.randn(3, 50),),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_cases()))
+def test_schemas_and_fake_tensors_agree_with_the_operators(name):
+    """torch's own checker: the schema's mutation annotations and the fake (meta) shapes."""
+    assert kernels.available()
+    op = getattr(torch.ops.textgen, name).default
+    torch.library.opcheck(op, _cases()[name], test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "error", "message"),
+    [
+        ("paged_decode", {4: torch.tensor([5, 9])}, IndexError, "outside its block table"),
+        ("paged_decode", {3: torch.tensor([[0, 1], [2, 4]])}, IndexError, "outside the cache"),
+        ("paged_decode", {0: torch.randn(2, 3, 16)}, ValueError, "multiple of the KV heads"),
+        ("paged_decode", {0: torch.randn(2, 4, 16).double()}, ValueError, "float32 or bfloat16"),
+        ("kv_store_int8", {2: torch.tensor([0, 5, 32])}, IndexError, "outside the cache"),
+        ("gguf_linear", {0: torch.randn(3, 96)}, ValueError, "features"),
+        ("gguf_linear", {2: 7}, ValueError, "ggml type 7"),
+        ("rotary_", {2: torch.tensor([0, 1, 8])}, IndexError, "past the rotary table"),
+        ("rms_norm", {1: torch.rand(8)}, ValueError, "features"),
+        ("silu_and_mul", {0: torch.randn(3, 31)}, ValueError, "halves"),
+    ],
+)
+def test_bad_arguments_raise_before_any_kernel_runs(name, change, error, message):
+    """Every operator checks shapes, dtypes and indices itself: nothing out of bounds is read."""
+    assert kernels.available()
+    args = list(_cases()[name])
+    for index, value in change.items():
+        args[index] = value
+    with pytest.raises(error, match=message):
+        getattr(torch.ops.textgen, name)(*args)
+
+
+def test_the_operators_run_on_torch_threads():
+    """One thread or two: the same result (each output row is computed by one thread)."""
+    assert kernels.available()
+    x = torch.randn(300, 64)
+    weight = torch.rand(64)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = kernels.rms_norm(x, weight, 1e-5)
+        torch.set_num_threads(2)
+        assert torch.equal(kernels.rms_norm(x, weight, 1e-5), alone)
+    finally:
+        torch.set_num_threads(previous)

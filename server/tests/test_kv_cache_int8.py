@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_testing import decode_metadata
-from kernel_builds import build_variant, cpu_has
+from conftest import cpu_platform
 
-from textgen.server import kernels
 from textgen.server.attention.backend import AttentionMetadata
 from textgen.server.attention.cpu import CpuAttention, _decode, _native_decode
 from textgen.server.distributed import ParallelGroup
@@ -18,18 +17,14 @@ from textgen.server.model_runner import ModelRunner, SequenceInput
 CPU = torch.device("cpu")
 
 
-def _cache(num_blocks: int, block_size: int, hkv: int, d: int) -> LayerCache:
-    return KVCache(KVCacheSpec(1, hkv, d, block_size, torch.int8), num_blocks, CPU).layer(0)
+def _cache(num_blocks: int, block_size: int, hkv: int, d: int, native: bool = True) -> LayerCache:
+    spec = KVCacheSpec(1, hkv, d, block_size, torch.int8)
+    return KVCache(spec, num_blocks, CPU, native=native).layer(0)
 
 
 def _slots(table: list[int], positions: range, block_size: int) -> torch.Tensor:
-    return torch.tensor([table[p // block_size] * block_size + p % block_size for p in positions])
-
-
-def _library():
-    library = kernels.paged_attention()
-    assert library is not None, "the C kernel must build here (a compiler is on PATH)"
-    return library
+    slots = [table[p // block_size] * block_size + p % block_size for p in positions]
+    return torch.tensor(slots, dtype=torch.long)
 
 
 def test_an_int8_block_costs_about_half_a_bf16_one():
@@ -55,8 +50,7 @@ def test_quantize_int8_rounds_each_row_to_its_own_scale():
 @pytest.mark.parametrize("d", [64, 24])  # 24: not whole vectors, the scalar loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 5, 64, 300])  # 64 and more: the OpenMP team
-def test_native_store_equals_the_torch_quantization_bit_for_bit(dtype, num_tokens, d):
-    _library()
+def test_native_store_equals_the_torch_quantization_bit_for_bit(dtype, num_tokens, d, isa):
     torch.manual_seed(num_tokens)
     hq, hkv, block_size = 6, 2, 16
     num_blocks = num_tokens // block_size + 4
@@ -68,7 +62,7 @@ def test_native_store_equals_the_torch_quantization_bit_for_bit(dtype, num_token
     slots = torch.randperm(num_blocks * block_size)[:num_tokens]
     native, reference = (
         _cache(num_blocks, block_size, hkv, d),
-        _cache(num_blocks, block_size, hkv, d),
+        _cache(num_blocks, block_size, hkv, d, native=False),
     )
     native.store(slots, k, v)
     for cache, scales, rows in (
@@ -128,16 +122,13 @@ def _filled(hkv: int, d: int, block_size: int, lengths: list[int], dtype: torch.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decode", ["native", "torch"])
 def test_decode_over_an_int8_cache_matches_sdpa_over_its_values(
-    hq, hkv, d, block_size, lengths, dtype, decode
+    hq, hkv, d, block_size, lengths, dtype, decode, isa
 ):
     torch.manual_seed(1)
     cache, tables = _filled(hkv, d, block_size, lengths, dtype)
     q = torch.randn(len(lengths), hq, d).to(dtype)
     meta = decode_metadata(lengths, tables, block_size)
-    if decode == "native":
-        out = _native_decode(_library(), q, cache, meta)
-    else:
-        out = _decode(q, cache, meta)
+    out = _native_decode(q, cache, meta) if decode == "native" else _decode(q, cache, meta)
     assert out.dtype == dtype
     for b, n in enumerate(lengths):
         expected = _reference(q[b], cache, tables[b], n)
@@ -148,7 +139,7 @@ def test_decode_over_an_int8_cache_matches_sdpa_over_its_values(
         torch.testing.assert_close(out[b].double(), expected, atol=tolerance, rtol=tolerance)
 
 
-def test_prefill_and_mixed_batches_read_an_int8_cache():
+def test_prefill_and_mixed_batches_read_an_int8_cache(isa):
     """A decode, a prompt after a cached prefix and a fresh prompt in one forward."""
     torch.manual_seed(4)
     hq, hkv, d, block_size = 6, 2, 64, 4
@@ -174,27 +165,12 @@ def test_prefill_and_mixed_batches_read_an_int8_cache():
     for dtype in (torch.float32, torch.bfloat16):  # torch prefill and the kernel per token
         q = torch.randn(num_tokens, hq, d).to(dtype)
         k, v = torch.randn(num_tokens, hkv, d).to(dtype), torch.randn(num_tokens, hkv, d).to(dtype)
-        out = CpuAttention().forward(q, k, v, cache, meta)  # stores k, v first
+        out = CpuAttention(cpu_platform(dtype)).forward(q, k, v, cache, meta)  # stores k, v
         keys, _ = cache.gather(slots, torch.float32)
         torch.testing.assert_close(keys, k.float(), atol=0.05, rtol=0)  # quantized, stored
         for row, (table, length) in enumerate(rows):
             expected = _reference(q[row], cache, table, length)
             torch.testing.assert_close(out[row].double(), expected, atol=8e-3, rtol=8e-3)
-
-
-@pytest.mark.skipif(not cpu_has("avx512bw"), reason="the AVX-512 path needs AVX512BW")
-def test_the_int8_path_without_avx512_vnni_matches_sdpa(tmp_path):
-    """Without AVX512_VNNI the 16-bit products are vpmaddwd and an add."""
-    library = build_variant(tmp_path, "paged_attention", "-march=native", "-mno-avx512vnni")
-    library.textgen_paged_decode.argtypes = _library().textgen_paged_decode.argtypes
-    torch.manual_seed(2)
-    lengths = [1, 17, 45]
-    cache, tables = _filled(3, 64, 16, lengths, torch.bfloat16)
-    q = torch.randn(len(lengths), 9, 64).bfloat16()
-    out = _native_decode(library, q, cache, decode_metadata(lengths, tables, 16))
-    for b, n in enumerate(lengths):
-        expected = _reference(q[b], cache, tables[b], n)
-        torch.testing.assert_close(out[b].double(), expected, atol=8e-3, rtol=8e-3)
 
 
 def _all_logits(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
@@ -207,12 +183,14 @@ def _all_logits(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_model_with_an_int8_cache_stays_close_to_float32(real_model_dir, dtype):
-    int8 = ModelRunner.load(real_model_dir, dtype, 16, ParallelGroup(), CPU, kv_cache_dtype="int8")
+    int8 = ModelRunner.load(
+        real_model_dir, cpu_platform(dtype), 16, ParallelGroup(), kv_cache_dtype="int8"
+    )
     assert int8.kv_cache_spec.dtype == torch.int8
     torch.manual_seed(0)
     prompt = torch.randint(100, 20000, (120,)).tolist()
     reference = _all_logits(
-        ModelRunner.load(real_model_dir, torch.float32, 16, ParallelGroup(), CPU), prompt
+        ModelRunner.load(real_model_dir, cpu_platform(torch.float32), 16, ParallelGroup()), prompt
     )
     logits = _all_logits(int8, prompt)
     assert int8.kv_cache.key_scales[0].abs().sum() > 0  # the cache that was read is int8
@@ -237,7 +215,7 @@ def test_decode_steps_over_an_int8_cache_follow_the_prefill(real_model_dir):
     float bits differ from CPU to CPU; this argument does not.
     """
     runner = ModelRunner.load(
-        real_model_dir, torch.float32, 16, ParallelGroup(), CPU, kv_cache_dtype="int8"
+        real_model_dir, cpu_platform(torch.float32), 16, ParallelGroup(), kv_cache_dtype="int8"
     )
     prompt = [504, 3458, 282, 4649, 314, 7001, 29, 1106]
     runner.allocate_kv_cache(4)
@@ -251,7 +229,7 @@ def test_decode_steps_over_an_int8_cache_follow_the_prefill(real_model_dir):
         step = SequenceInput([tokens[-1]], position, slot, table)
     decoded = runner.forward([step])[0][-1]
     prefill = _all_logits(runner, tokens)
-    float_cache = ModelRunner.load(real_model_dir, torch.float32, 16, ParallelGroup(), CPU)
+    float_cache = ModelRunner.load(real_model_dir, cpu_platform(torch.float32), 16, ParallelGroup())
     reference = _all_logits(float_cache, tokens)[-1]
     assert (decoded - prefill[-1]).norm() < (prefill[-1] - reference).norm()
     assert prefill[len(prompt) - 1 : -1].argmax(-1).tolist() == tokens[len(prompt) :]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cpu_platform
 
 from textgen.server.distributed import ParallelGroup
 from textgen.server.model_runner import ModelRunner, SequenceInput
@@ -13,7 +14,7 @@ CPU = torch.device("cpu")
 
 
 def load_runner(path, block_size: int, num_blocks: int = 64) -> ModelRunner:
-    runner = ModelRunner.load(path, torch.float32, block_size, ParallelGroup(), CPU)
+    runner = ModelRunner.load(path, cpu_platform(torch.float32), block_size, ParallelGroup())
     runner.allocate_kv_cache(num_blocks)
     return runner
 

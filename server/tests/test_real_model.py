@@ -67,7 +67,9 @@ def reference(real_model_dir, prompt_ids) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def shard(real_model_dir) -> Shard:
-    config = ServerConfig(real_model_dir, kv_cache_memory_gib=0.25, block_size=BLOCK_SIZE)
+    config = ServerConfig(
+        real_model_dir, kv_cache_memory_gib=0.25, block_size=BLOCK_SIZE, dtype="float32"
+    )
     shard = Shard.load(config, ParallelGroup(), torch.device("cpu"))
     warmup = generate_pb2.WarmupRequest(
         max_input_tokens=256, max_total_tokens=512, max_prefill_tokens=512, max_batch_size=8

@@ -42,7 +42,9 @@ class FakeContext:
 
 
 def make_servicer(model_dir: Path, budget_gib: float = BUDGET_GIB) -> TextGenerationServicer:
-    config = ServerConfig(model_dir, kv_cache_memory_gib=budget_gib, block_size=BLOCK_SIZE)
+    config = ServerConfig(
+        model_dir, kv_cache_memory_gib=budget_gib, block_size=BLOCK_SIZE, dtype="float32"
+    )
     return TextGenerationServicer(Shard.load(config, ParallelGroup(), torch.device("cpu")))
 
 
@@ -342,7 +344,9 @@ async def test_info_and_service_discovery(servicer):
 
 async def test_grpc_server_on_a_unix_socket(tiny_llama):
     uds_path = os.path.join(tempfile.mkdtemp(prefix="tg-"), "shard")
-    config = ServerConfig(tiny_llama[0], uds_path=uds_path, kv_cache_memory_gib=BUDGET_GIB)
+    config = ServerConfig(
+        tiny_llama[0], uds_path=uds_path, kv_cache_memory_gib=BUDGET_GIB, dtype="float32"
+    )
     shard = Shard.load(config, ParallelGroup(), torch.device("cpu"))
     stop = asyncio.Event()
     server = asyncio.create_task(run_server(config, shard, stop))

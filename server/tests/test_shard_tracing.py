@@ -36,7 +36,7 @@ async def test_shard_spans_join_the_router_trace_over_grpc_metadata(tiny_llama):
     shard_spans, router_spans = InMemorySpanExporter(), InMemorySpanExporter()
     shard_tracing = ShardTracing.with_processor(SimpleSpanProcessor(shard_spans), "t.server", 0)
     router_tracing = RouterTracing.with_processor(SimpleSpanProcessor(router_spans), "t.router")
-    config = ServerConfig(tiny_llama[0], kv_cache_memory_gib=2**-10, block_size=4)
+    config = ServerConfig(tiny_llama[0], kv_cache_memory_gib=2**-10, block_size=4, dtype="float32")
     shard = Shard.load(config, ParallelGroup(), torch.device("cpu"))
     servicer = TextGenerationServicer(shard, tracing=shard_tracing)
     server = grpc.aio.server()

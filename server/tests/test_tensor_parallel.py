@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import cpu_platform
 
 from textgen.server.distributed import ParallelGroup
 from textgen.server.model_runner import ModelRunner
@@ -25,9 +26,11 @@ WORKER = """
 import sys, torch, weakref
 from textgen.server.distributed import ParallelGroup
 from textgen.server.model_runner import ModelRunner, SequenceInput
+from textgen.server.platform import Platform
 model_dir, rank, world_size, port, out = sys.argv[1:]
 group = ParallelGroup.initialize(int(rank), int(world_size), "127.0.0.1", int(port))
-runner = ModelRunner.load(model_dir, torch.float32, 4, group, torch.device("cpu"))
+platform = Platform.detect(torch.device("cpu"), "float32")
+runner = ModelRunner.load(model_dir, platform, 4, group)
 runner.allocate_kv_cache(16)
 prompt = [1, 17, 42, 99, 3, 250, 7]
 (logits,) = runner.forward([SequenceInput(prompt, 0, list(range(7)), [0, 1], all_logits=True)])
@@ -90,14 +93,14 @@ def test_shard_count_that_fits_no_split_is_refused_with_valid_counts(make_tiny_l
     # 4 heads, 2 KV heads: 3 ranks can neither split the KV heads nor replicate them evenly.
     model_dir, _ = make_tiny_llama(num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ShardCountError, match=r"valid shard counts: 1, 2, 4$"):
-        ModelRunner.load(model_dir, torch.float32, 4, ParallelGroup(0, 3), torch.device("cpu"))
+        ModelRunner.load(model_dir, cpu_platform(torch.float32), 4, ParallelGroup(0, 3))
 
 
 def test_kv_cache_holds_only_local_heads(make_tiny_llama):
     model_dir, _ = make_tiny_llama(num_attention_heads=6, num_key_value_heads=3, hidden_size=96)
-    cpu = torch.device("cpu")
-    full = ModelRunner.load(model_dir, torch.float32, 4, ParallelGroup(), cpu).kv_cache_spec
-    rank1 = ModelRunner.load(model_dir, torch.float32, 4, ParallelGroup(1, 2), cpu).kv_cache_spec
+    f32 = cpu_platform(torch.float32)
+    full = ModelRunner.load(model_dir, f32, 4, ParallelGroup()).kv_cache_spec
+    rank1 = ModelRunner.load(model_dir, f32, 4, ParallelGroup(1, 2)).kv_cache_spec
     assert (full.num_kv_heads, rank1.num_kv_heads) == (3, 1)
     assert 3 * rank1.bytes_per_block == full.bytes_per_block  # Warmup sizes the cache from it
 
@@ -126,7 +129,7 @@ def test_each_rank_holds_about_half_of_the_weights(make_tiny_llama):
     model_dir, _ = make_tiny_llama(num_attention_heads=4, num_key_value_heads=2)
 
     def load(group: ParallelGroup) -> dict[str, torch.Size]:
-        runner = ModelRunner.load(model_dir, torch.float32, 4, group, torch.device("cpu"))
+        runner = ModelRunner.load(model_dir, cpu_platform(torch.float32), 4, group)
         return {name: p.shape for name, p in runner.model.named_parameters()}
 
     def num_bytes(shapes: dict[str, torch.Size]) -> int:

@@ -32,7 +32,8 @@ model_dir, rank, world_size, port, key, num_tokens, out = sys.argv[1:]
 rank, world_size, num_tokens = int(rank), int(world_size), int(num_tokens)
 group = ParallelGroup.initialize(rank, world_size, "127.0.0.1", int(port))
 config = ServerConfig(
-    model_dir, rank=rank, world_size=world_size, kv_cache_memory_gib=2**-10, block_size=4
+    model_dir, rank=rank, world_size=world_size, kv_cache_memory_gib=2**-10, block_size=4,
+    dtype="float32",
 )
 shard = Shard.load(config, group, torch.device("cpu"))
 shard.warmup(pb.WarmupRequest(

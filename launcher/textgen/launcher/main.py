@@ -53,20 +53,11 @@ def prepare(config: LauncherConfig) -> TextgenCommands:
         model_dir=model_dir,
         model_name=config.model_id or DEFAULT_MODEL_ID,
         limits=limits,
-        dtype=config.dtype or default_dtype(),
+        # NOTE: "auto" leaves the choice to each shard's platform (it knows its device).
+        dtype=config.dtype or "auto",
         master_port=config.master_port or free_port(config.master_addr),
         num_threads=threads_per_shard(config.num_shard),
     )
-
-
-def default_dtype() -> str:
-    import torch  # only when --dtype is not given: importing torch takes a while
-
-    # NOTE: bf16 on CPUs with native bf16 (AVX-512 BF16, AMX): matmuls run ~2.5x
-    # float32 there and the KV cache halves; elsewhere bf16 is emulated and slower.
-    if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bfloat16"
-    return "float32"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from textgen.server.config import DTYPES, KV_CACHE_DTYPES, ServerConfig
+from textgen.server.config import AUTO_DTYPE, DTYPES, KV_CACHE_DTYPES, ServerConfig
 from textgen.server.logs import setup_logging
 from textgen.server.server import serve
 from textgen.server.sharding import ShardCountError
@@ -24,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--uds-path", default=default("uds_path"), help="socket prefix: PATH-RANK")
     cmd.add_argument("--rank", type=int, default=default("rank"))
     cmd.add_argument("--world-size", type=int, default=default("world_size"))
-    cmd.add_argument("--dtype", choices=sorted(DTYPES), default=default("dtype"))
+    cmd.add_argument(
+        "--dtype",
+        choices=[AUTO_DTYPE, *sorted(DTYPES)],
+        default=default("dtype"),
+        help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32",
+    )
     cmd.add_argument(
         "--kv-cache-memory-gib",
         type=float,

@@ -12,6 +12,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+AUTO_DTYPE = "auto"  # the platform's default: bf16 where computed in hardware, else float32
 KV_CACHE_DTYPES = ("auto", "int8")
 
 
@@ -23,7 +24,7 @@ class ServerConfig:
     uds_path: str = "/tmp/textgen-server"
     rank: int = 0
     world_size: int = 1
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE
     kv_cache_memory_gib: float = 1.0
     block_size: int = 16
     master_addr: str = "127.0.0.1"
@@ -40,8 +41,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype != AUTO_DTYPE and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {[AUTO_DTYPE, *DTYPES]}")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError("kv_cache_memory_gib must be positive")
         if self.block_size < 1:
@@ -52,10 +53,6 @@ class ServerConfig:
             raise ValueError(
                 f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}"
             )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     @property
     def socket_path(self) -> str:

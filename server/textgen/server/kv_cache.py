@@ -27,9 +27,6 @@ import torch
 
 from textgen.server import kernels
 
-# Element kinds of the paged attention kernels (kernels/paged_attention.c).
-NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -54,9 +51,13 @@ class KVCacheSpec:
 
 
 class KVCache:
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self, spec: KVCacheSpec, num_blocks: int, device: torch.device, native: bool = False
+    ) -> None:
+        """`native`: an int8 cache stores its rows with the native operator."""
         self.spec = spec
         self.num_blocks = num_blocks
+        self.native = native
         shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         # NOTE: zeros, not empty: padded gathers read unwritten slots, and a
         # masked-out NaN would still poison the attention output (0 * NaN).
@@ -80,6 +81,7 @@ class KVCache:
             self.value_caches[index],
             self.key_scales[index],
             self.value_scales[index],
+            self.native,
         )
 
 
@@ -92,6 +94,7 @@ class LayerCache:
     # An int8 cache's scales, [num_blocks, Hkv, block_size] float32; None otherwise.
     key_scale: torch.Tensor | None = None
     value_scale: torch.Tensor | None = None
+    native: bool = False  # an int8 cache's rows are quantized by the native operator
 
     @property
     def quantized(self) -> bool:
@@ -116,7 +119,10 @@ class LayerCache:
             key.index_copy_(0, slots, k)
             value.index_copy_(0, slots, v)
             return
-        if _store_native(self, slots, k, v):
+        if self.native and _native_rows(k) and _native_rows(v):
+            kernels.kv_store_int8(
+                k, v, slots.contiguous(), self.key, self.value, self.key_scale, self.value_scale
+            )
             return
         for cache, scales, rows in ((key, self.key_scale, k), (value, self.value_scale, v)):
             quantized, scale = quantize_int8(rows)
@@ -158,35 +164,6 @@ def _dequantize(rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return (rows.float() * scale.unsqueeze(-1)).to(dtype)
 
 
-def _store_native(cache: LayerCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The C store kernel where it serves these tensors: True if it ran."""
-    if k.dtype not in (torch.float32, torch.bfloat16) or v.dtype != k.dtype:
-        return False
-    if k.device.type != "cpu":
-        return False
-    library = kernels.paged_attention()
-    if library is None:
-        return False
-    head_dim = k.shape[-1]
-    for rows in (k, v):
-        if rows.stride(-1) != 1 or rows.stride(-2) != head_dim:
-            return False  # heads must be contiguous within a token's row
-    slots = slots.contiguous()
-    status = library.textgen_kv_store_int8(
-        k.data_ptr(),
-        k.stride(0),
-        v.data_ptr(),
-        v.stride(0),
-        NATIVE_KINDS[k.dtype],
-        slots.data_ptr(),
-        k.shape[0],
-        k.shape[1],
-        head_dim,
-        cache.block_size,
-        cache.key.data_ptr(),
-        cache.value.data_ptr(),
-        cache.key_scale.data_ptr(),
-        cache.value_scale.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return status == 0
+def _native_rows(rows: torch.Tensor) -> bool:
+    """[T, Hkv, D] of float32 or bf16, heads contiguous within a token's row."""
+    return rows.dtype in (torch.float32, torch.bfloat16) and rows.stride()[1:] == (rows.shape[2], 1)

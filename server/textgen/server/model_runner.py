@@ -21,6 +21,7 @@ from textgen.server.distributed import ParallelGroup
 from textgen.server.kv_cache import KVCache, KVCacheSpec
 from textgen.server.layers import gguf
 from textgen.server.models import CausalLM, get_model_class
+from textgen.server.platform import Platform
 from textgen.server.weights import Weights
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,14 @@ class ModelRunner:
         model: CausalLM,
         config: PretrainedConfig,
         block_size: int,
-        device: torch.device,
+        platform: Platform,
         kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
-        self.device = device
+        self.platform = platform
+        self.device = platform.device
         self.kv_cache_dtype = kv_cache_dtype  # "auto" (the model's dtype) or "int8"
         self.kv_cache: KVCache | None = None
 
@@ -61,21 +63,20 @@ class ModelRunner:
     def load(
         cls,
         model_dir: Path,
-        dtype: torch.dtype,
+        platform: Platform,
         block_size: int,
         group: ParallelGroup,
-        device: torch.device,
         attention_backend: str = "cpu",
         int8_activations: bool = False,
         kv_cache_dtype: str = "auto",
     ) -> ModelRunner:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        weights = Weights(model_dir, dtype, device, group)
-        attention = get_attention_backend(attention_backend)
+        weights = Weights(model_dir, platform, group)
+        attention = get_attention_backend(attention_backend, platform)
         model = get_model_class(config.model_type).load(config, weights, attention)
         if int8_activations:
-            _use_int8_activations(model, dtype)
-        return cls(model, config, block_size, device, kv_cache_dtype)
+            _use_int8_activations(model, platform)
+        return cls(model, config, block_size, platform, kv_cache_dtype)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -86,7 +87,9 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = None  # free the old cache before the new one is allocated
-        self.kv_cache = KVCache(self.kv_cache_spec, num_blocks, self.device)
+        self.kv_cache = KVCache(
+            self.kv_cache_spec, num_blocks, self.device, native=self.platform.native_ops
+        )
 
     @torch.inference_mode()
     def forward(self, sequences: list[SequenceInput]) -> list[torch.Tensor]:
@@ -129,16 +132,16 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
 
-def _use_int8_activations(model: CausalLM, dtype: torch.dtype) -> None:
+def _use_int8_activations(model: CausalLM, platform: Platform) -> None:
     """Switch `model`'s GGUF-backed layers to int8 activations, saying when none can."""
-    if dtype != torch.bfloat16:
-        logger.warning("--int8-activations applies to bf16 only; %s keeps its products", dtype)
+    if not platform.int8_products:
+        logger.warning(
+            "--int8-activations: no int8 product for %s; the products stay as they are",
+            platform.describe(),
+        )
         return
     count = gguf.use_int8_activations(model)
     if count == 0:
-        logger.warning(
-            "--int8-activations: no layer switched (the model has no GGUF blocks, or this "
-            "CPU has no AVX-512 VNNI)"
-        )
+        logger.warning("--int8-activations: no layer switched (the model has no GGUF blocks)")
     else:
         logger.info("int8 activations: %d layers multiply GGUF blocks in int8", count)

@@ -98,8 +98,13 @@ class SamplingOutput:
     top_logprobs: list[list[float]]
 
 
-def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOutput:
-    """Choose one token per request from its next-token logits [B, V] (float32)."""
+def sample(
+    logits: torch.Tensor, requests: list[SamplingRequest], native: bool = False
+) -> SamplingOutput:
+    """Choose one token per request from its next-token logits [B, V] (float32).
+
+    `native`: the row statistics run as the native operator (the platform says).
+    """
     params = [r.params for r in requests]
     logits = apply_logit_bias(logits, requests)
     logits = apply_min_new_tokens(logits, requests)
@@ -112,25 +117,18 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplingOut
     if any(p.temperature != 1.0 for p in params):
         logits = logits / _column(params, "temperature", logits)  # [B, V]
     # NOTE: logprob = logit - logsumexp(row), so no [B, V] log_softmax is materialised.
-    argmax, lse = _row_stats(logits)  # [B], [B]
+    argmax, lse = _row_stats(logits, native)  # [B], [B]
     next_ids = _choose(logits, requests, argmax)  # [B]
     chosen = logits.gather(1, next_ids.unsqueeze(1)).squeeze(1) - lse  # [B]
     top_ids, top_logprobs = _top_tokens(logits, lse, [r.top_n_tokens for r in requests])
     return SamplingOutput(next_ids.tolist(), chosen.tolist(), top_ids, top_logprobs)
 
 
-def _row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_stats(logits: torch.Tensor, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's argmax (first maximum) and log-sum-exp: [B] long, [B] float32."""
-    library = kernels.token_ops() if logits.device.type == "cpu" else None
-    if library is None or logits.dtype != torch.float32 or not logits.is_contiguous():
-        return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)
-    rows, cols = logits.shape
-    argmax = torch.empty(rows, dtype=torch.long)
-    lse = torch.empty(rows, dtype=torch.float32)
-    library.textgen_row_stats(
-        logits.data_ptr(), rows, cols, argmax.data_ptr(), lse.data_ptr(), torch.get_num_threads()
-    )
-    return argmax, lse
+    if native and logits.dtype == torch.float32 and logits.is_contiguous():
+        return kernels.row_stats(logits)
+    return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)
 
 
 def apply_logit_bias(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:

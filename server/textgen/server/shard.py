@@ -7,6 +7,7 @@ all ranks hold identical request states; rank 0's generations are read.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from textgen.server.config import ServerConfig
 from textgen.server.distributed import ParallelGroup
 from textgen.server.errors import InvalidRequestError, NotReadyError
 from textgen.server.model_runner import ModelRunner, SequenceInput
+from textgen.server.platform import Platform
 from textgen.server.sampling import SamplingOutput, SamplingParams, sample
 from textgen.server.validation import (
     ShardLimits,
@@ -30,6 +32,12 @@ from textgen.server.validation import (
 )
 from textgen.server.watermark import WatermarkParams
 
+logger = logging.getLogger(__name__)
+
+# Prompt tokens in the warm-up's prefill: more than a small step's (the GGUF-block products
+# take up to 4), split into sequences of at most max_input_tokens.
+WARMUP_PREFILL_TOKENS = 256
+
 
 class Shard:
     def __init__(self, runner: ModelRunner, config: ServerConfig) -> None:
@@ -39,16 +47,21 @@ class Shard:
 
     @classmethod
     def load(cls, config: ServerConfig, group: ParallelGroup, device: torch.device) -> Shard:
+        platform = Platform.detect(device, config.dtype)
+        logger.info("platform: %s", platform.describe())
         runner = ModelRunner.load(
             Path(config.model_dir),
-            config.torch_dtype,
+            platform,
             config.block_size,
             group,
-            device,
             int8_activations=config.int8_activations,
             kv_cache_dtype=config.kv_cache_dtype,
         )
         return cls(runner, config)
+
+    @property
+    def platform(self) -> Platform:
+        return self.runner.platform
 
     # -- facts --------------------------------------------------------------
 
@@ -56,8 +69,8 @@ class Shard:
         hf = self.runner.config
         return generate_pb2.InfoResponse(
             model_type=hf.model_type,
-            dtype=self.config.dtype,
-            device_type=self.runner.device.type,
+            dtype=str(self.platform.dtype).removeprefix("torch."),
+            device_type=self.platform.device.type,
             block_size=self.config.block_size,
             vocab_size=hf.vocab_size,
             max_position_embeddings=hf.max_position_embeddings,
@@ -79,7 +92,16 @@ class Shard:
     # -- Warmup -------------------------------------------------------------
 
     def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
-        """Size the cache from the budget, then run the largest prefill and a decode step."""
+        """Size the cache from the budget, then run a prefill and a decode step.
+
+        The cache's size is arithmetic (the budget over a block's bytes). The forwards are
+        there so that the first request runs as fast as the second: every path a step can
+        take (the products of a prefill's many tokens and of a decode step's few, the
+        prefill and decode attention, the sampler) has run once, with its libraries'
+        one-time set-up behind it. A prefill of WARMUP_PREFILL_TOKENS takes the same paths
+        as one of the largest allowed; on a CPU the largest would only cost start-up time
+        (minutes at 4,000 tokens), and there is no device memory whose limit it would find.
+        """
         check_warmup(request, self.runner.config.max_position_embeddings)
         block_size = self.config.block_size
         spec = self.runner.kv_cache_spec
@@ -94,7 +116,7 @@ class Shard:
             )
         self.batches.clear()
         self.runner.allocate_kv_cache(num_blocks)
-        prefill = _warmup_prefill(request, num_blocks, block_size)
+        prefill = _warmup_prefill(request, num_blocks, block_size, WARMUP_PREFILL_TOKENS)
         self.runner.forward(prefill)
         self.runner.forward(_warmup_decode(request, len(prefill), num_blocks, block_size))
         return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=block_size)
@@ -142,7 +164,7 @@ class Shard:
         if everyone:
             last_logits = torch.stack([logits[row][-1] for row in rows])  # [B_running + B, V]
             requests = [s.sampling_request(masks.get(s.id)) for s in everyone]
-            generations = _generations(everyone, sample(last_logits, requests))
+            generations = _generations(everyone, self._sample(last_logits, requests))
         for n, i in enumerate(whole):
             request = batch.requests[i]
             if request.prefill_logprobs:
@@ -206,7 +228,7 @@ class Shard:
         logits = self.runner.forward([self._decode_input(s) for s in batch.requests])
         forward_done = time.monotonic_ns()
         requests = [s.sampling_request(masks.get(s.id)) for s in batch.requests]
-        output = sample(torch.cat(logits), requests)
+        output = self._sample(torch.cat(logits), requests)
         generations = _generations(batch.requests, output)
         # NOTE: the inputs are replaced only once the step has succeeded, so a
         # failed Decode leaves every batch as it was.
@@ -222,6 +244,9 @@ class Shard:
             total_ns=done - start,
             concat_ns=concat_done - start,
         )
+
+    def _sample(self, logits: torch.Tensor, requests: list) -> SamplingOutput:
+        return sample(logits, requests, native=self.platform.native_cpu)
 
     def _decode_input(self, state: RequestState) -> SequenceInput:
         position = state.length - 1  # the last sampled token is not cached yet
@@ -325,12 +350,14 @@ def _prefill_tokens(prompt: list[int], logits: torch.Tensor, cache_len: int) -> 
 
 
 def _warmup_prefill(
-    request: generate_pb2.WarmupRequest, num_blocks: int, block_size: int
+    request: generate_pb2.WarmupRequest, num_blocks: int, block_size: int, limit: int
 ) -> list[SequenceInput]:
-    """max_prefill_tokens in sequences of at most max_input_tokens, on scratch blocks."""
-    total = request.max_prefill_tokens or request.max_input_tokens
-    lengths = [request.max_input_tokens] * (total // request.max_input_tokens)
-    lengths += [total % request.max_input_tokens] if total % request.max_input_tokens else []
+    """min(max_prefill_tokens, limit) tokens in sequences of at most max_input_tokens, on
+    scratch blocks."""
+    total = min(request.max_prefill_tokens or request.max_input_tokens, limit)
+    longest = min(request.max_input_tokens, total)
+    lengths = [longest] * (total // longest)
+    lengths += [total % longest] if total % longest else []
     sequences, next_block = [], 0
     for length in lengths:
         table = [(next_block + j) % num_blocks for j in range(math.ceil(length / block_size))]
@@ -343,8 +370,9 @@ def _warmup_prefill(
 def _warmup_decode(
     request: generate_pb2.WarmupRequest, num_prefill: int, num_blocks: int, block_size: int
 ) -> list[SequenceInput]:
-    """The widest decode step: max_batch_size sequences sharing the cache evenly."""
-    batch_size = min(request.max_batch_size or num_prefill, num_blocks)
+    """A decode step of the warm-up's prefill count (max_batch_size at most), the
+    sequences sharing the cache evenly."""
+    batch_size = min(request.max_batch_size or num_prefill, num_prefill, num_blocks)
     blocks_each = min(math.ceil(request.max_total_tokens / block_size), num_blocks // batch_size)
     sequences = []
     for i in range(batch_size):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
+from textgen.server.platform import Platform
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -53,24 +53,21 @@ class GGUFBlocks:
         return GGUFBlocks(data.contiguous(), self.kind)
 
 
-def blocks_usable(dtype: torch.dtype, device: torch.device) -> bool:
-    """True when a shard of this dtype on this device runs on GGUF blocks (bf16 on CPU)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and kernels.gguf_linear() is not None
-
-
 class Weights:
-    """The tensors of a checkpoint directory, cast to one dtype on one device."""
+    """The tensors of a checkpoint directory, cast to the platform's dtype and device.
 
-    def __init__(
-        self, model_dir: Path, dtype: torch.dtype, device: torch.device, group: ParallelGroup
-    ) -> None:
-        self.dtype = dtype
-        self.device = device
+    The layers built from it read their fast paths off `platform`.
+    """
+
+    def __init__(self, model_dir: Path, platform: Platform, group: ParallelGroup) -> None:
+        self.platform = platform
+        self.dtype = platform.dtype
+        self.device = platform.device
         self.group = group
         self._files = _tensor_files(Path(model_dir))
         self._handles: dict[Path, object] = {}
         blocks = Path(model_dir) / GGUF_BLOCKS_FILE
-        use_blocks = blocks.is_file() and blocks_usable(dtype, device)
+        use_blocks = blocks.is_file() and platform.gguf_blocks
         self._blocks = safe_open(str(blocks), framework="pt", device="cpu") if use_blocks else None
         # The file's metadata maps each tensor to its GGUF type.
         self._block_kinds: dict[str, str] = self._blocks.metadata() if use_blocks else {}

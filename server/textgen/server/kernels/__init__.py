@@ -1,231 +1,209 @@
-"""Small C kernels for the CPU shard, built once with the host's compiler and loaded by ctypes.
+"""textgen's native CPU operators: typed torch ops (`torch.ops.textgen.*`) over C kernels.
 
-Each kernel is a plain C file next to this module (with shared headers beside it). The
-first shard to need one compiles it with `cc -O3 -march=native` into a cache folder
-keyed by the sources, the compiler flags and the CPU, so later starts load the built
-library at once. No compiler, a failed build or TEXTGEN_NATIVE_KERNELS=0 leaves the
-loaders (`paged_attention()` and the rest) returning None, and the callers keep their
-torch path: the kernels are a speed-up, never a requirement.
+The operators are a C++ extension (`_C`, from `csrc/ops.cpp`) built when textgen is
+installed, against the torch installed beside it. ops.cpp holds each operator's schema and
+checks every argument (shapes, dtypes, strides, block ids, positions) before a kernel sees
+it; the kernels (`csrc/*.c`) are compiled once per ISA level, a portable baseline and on
+x86-64 AVX2 and two AVX-512 levels, and the level is chosen at run time: the best this CPU
+runs unless `select_isa` says otherwise. They run on torch's intra-op threads.
 
-Cache folder: $TEXTGEN_KERNEL_CACHE, else ~/.cache/textgen/kernels.
+The shard's platform (`textgen.server.platform`) decides once at start-up whether and at
+which level the operators serve; the layers follow that decision and keep a torch path
+for everything else. Each operator has a fake (meta) implementation below, so torch's
+tracing and `torch.library.opcheck` see its output shapes.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
+import importlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE_DIR = Path(__file__).resolve().parent
-# NOTE: reassociation lets reductions vectorize; the kernels never rely on signed zeros
-# or traps, and keep infinities and NaNs (no -ffast-math).
-_FLAGS = (
-    "-O3",
-    "-march=native",
-    "-fassociative-math",
-    "-fno-signed-zeros",
-    "-fno-trapping-math",
-    # OpenMP through the libgomp.so.1 torch has already loaded: one shared thread team.
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-    "-std=c11",
-)
+# ggml's type ids of the GGUF block formats the operators read.
+GGML_TYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
 
-def enabled() -> bool:
-    return os.environ.get("TEXTGEN_NATIVE_KERNELS", "1") != "0"
-
-
-def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "textgen" / "kernels"
-    return Path(os.environ.get("TEXTGEN_KERNEL_CACHE", default))
-
-
-def build(name: str) -> Path:
-    """Compile `<name>.c` (if not already built for this source and CPU): the library path.
-
-    Raises RuntimeError when no compiler is found or the build fails.
-    """
-    source = _SOURCE_DIR / f"{name}.c"
-    wanted = os.environ.get("CC")
-    compiler = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError(f"no C compiler: {wanted or 'cc or gcc'} not found")
-    key = hashlib.sha256()
-    key.update(source.read_bytes())
-    for header in sorted(_SOURCE_DIR.glob("*.h")):  # included by the sources
-        key.update(header.read_bytes())
-    key.update(" ".join((compiler, *_FLAGS, platform.machine(), _cpu_flags())).encode())
-    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # NOTE: built under a temporary name and renamed, so that shards starting together
-    # never load a half-written library.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *_FLAGS, str(source), "-o", str(built), "-lm"],
-            capture_output=True,
-            text=True,
-            check=False,
+@functools.cache
+def available() -> bool:
+    """True when the operators are built and loaded (registers them on first call)."""
+    try:
+        importlib.import_module("textgen.server.kernels._C")
+    except ImportError as error:
+        logger.warning(
+            "textgen's native CPU operators are not built (%s): the shard runs its torch paths. "
+            "Install textgen with `pip install --no-build-isolation` after torch to build them.",
+            error,
         )
-        if result.returncode != 0:
-            raise RuntimeError(f"building {source.name} failed:\n{result.stderr.strip()}")
-        os.replace(built, target)
-    return target
+        return False
+    _register_fakes()
+    return True
 
 
-@functools.cache
-def paged_attention() -> ctypes.CDLL | None:
-    """The paged decode attention library, or None where it cannot be built here."""
-    return _load(
-        "paged_attention",
-        textgen_paged_decode=[
-            ctypes.c_void_p,  # q
-            ctypes.c_int64,  # q row stride
-            *[ctypes.c_void_p] * 4,  # key, value, out, block_tables
-            ctypes.c_int64,  # table_stride
-            ctypes.c_void_p,  # context_lens
-            *[ctypes.c_int64] * 8,  # seqs, heads, kv heads, head_dim, block size, 3 strides
-            ctypes.c_float,  # scale
-            ctypes.c_int,  # kind of q and out
-            ctypes.c_int,  # kind of the cache
-            *[ctypes.c_void_p] * 2,  # key and value scales of an int8 cache
-            ctypes.c_void_p,  # scratch
-            ctypes.c_int64,  # scratch floats per thread
-            ctypes.c_int,  # threads
-        ],
-        textgen_kv_store_int8=[
-            *[ctypes.c_void_p, ctypes.c_int64] * 2,  # k and v rows, their token strides
-            ctypes.c_int,  # kind of k and v
-            ctypes.c_void_p,  # slots
-            *[ctypes.c_int64] * 4,  # tokens, kv heads, head_dim, block size
-            *[ctypes.c_void_p] * 4,  # key, value, key scales, value scales
-            ctypes.c_int,  # threads
-        ],
+def isa_levels() -> list[str]:
+    """The ISA levels this CPU runs among those built, lowest first ([] when not built)."""
+    return list(torch.ops.textgen.isa_levels()) if available() else []
+
+
+def select_isa(level: str) -> None:
+    """Run every operator on `level`'s kernels from now on (ValueError if the CPU cannot)."""
+    torch.ops.textgen.select_isa(level)
+
+
+def selected_isa() -> str:
+    return torch.ops.textgen.selected_isa()
+
+
+def int8_isa() -> str | None:
+    """The level the int8 product runs on (at or below the selected one), or None."""
+    return torch.ops.textgen.int8_isa() or None
+
+
+def paged_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    key_scale: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over the paged cache, read in place: [B, Hq, D].
+
+    q [B, Hq, D] float32 or bf16 (heads contiguous, any row stride); caches [num_blocks,
+    block_size, Hkv, D] of q's dtype, or int8 with float32 scales [num_blocks, Hkv,
+    block_size]; block_tables [B, max_blocks] and context_lens [B] int64.
+    """
+    return torch.ops.textgen.paged_decode(
+        q, key_cache, value_cache, block_tables, context_lens, scale, key_scale, value_scale
     )
 
 
-@functools.cache
-def gguf_linear() -> ctypes.CDLL | None:
-    """The GGUF-block matrix product library, or None where it cannot be built here."""
-    return _load(
-        "gguf_linear",
-        textgen_gguf_linear=[
-            ctypes.c_void_p,  # x
-            ctypes.c_int64,  # x row stride
-            ctypes.c_void_p,  # weight blocks
-            ctypes.c_int,  # ggml type
-            ctypes.c_void_p,  # y
-            ctypes.c_int64,  # y row stride
-            *[ctypes.c_int64] * 3,  # m, n, k
-            ctypes.c_int,  # kind
-            ctypes.c_int,  # threads
-        ],
-    )
+def kv_store_int8(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_scale: torch.Tensor,
+) -> None:
+    """New keys and values [T, Hkv, D] into an int8 cache at their slots [T]."""
+    torch.ops.textgen.kv_store_int8(k, v, slots, key_cache, value_cache, key_scale, value_scale)
 
 
-@functools.cache
-def int8_linear() -> ctypes.CDLL | None:
-    """The int8 (VNNI) product over GGUF blocks, or None where it cannot be built or run here."""
-    library = _load(
-        "int8_linear",
-        textgen_int8_available=[],
-        textgen_int8_pack=[
-            ctypes.c_void_p,  # GGUF blocks
-            ctypes.c_int,  # ggml type
-            *[ctypes.c_int64] * 2,  # n, k
-            *[ctypes.c_void_p] * 3,  # u, d_w, m_w
-        ],
-        textgen_int8_linear=[
-            ctypes.c_void_p,  # x (bf16)
-            ctypes.c_int64,  # x row stride
-            *[ctypes.c_void_p] * 3,  # u, d_w, m_w
-            ctypes.c_void_p,  # y (bf16)
-            ctypes.c_int64,  # y row stride
-            *[ctypes.c_int64] * 3,  # m, n, k
-            ctypes.c_int,  # gated: silu(gate) * up of a fused gate/up weight
-            ctypes.c_void_p,  # scratch
-            ctypes.c_int,  # threads
-        ],
-    )
-    if library is None or not library.textgen_int8_available():
-        return None  # built without AVX-512 VNNI: nothing to run
-    return library
+def gguf_linear(
+    x: torch.Tensor, blocks: torch.Tensor, kind: str, int8_activations: bool = False
+) -> torch.Tensor:
+    """x [T, in] @ W^T with W as GGUF blocks [out, in / 32 * block bytes]: [T, out], x's dtype.
+
+    `int8_activations`: x rounded to int8 per 32 features, each block dotted in integers.
+    """
+    return torch.ops.textgen.gguf_linear(x, blocks, GGML_TYPE_IDS[kind], int8_activations)
 
 
-@functools.cache
-def token_ops() -> ctypes.CDLL | None:
-    """RMSNorm, rotary embedding, SiLU-and-multiply and logits row statistics, or None."""
-    return _load(
-        "token_ops",
-        textgen_rms_norm=[
-            ctypes.c_void_p,  # x
-            ctypes.c_int64,  # x row stride
-            *[ctypes.c_void_p] * 2,  # residual added to x first (or None), the sum's rows
-            ctypes.c_void_p,  # weight
-            ctypes.c_void_p,  # out
-            *[ctypes.c_int64] * 2,  # tokens, hidden
-            ctypes.c_float,  # eps
-            ctypes.c_int,  # threads
-        ],
-        textgen_rotary=[
-            ctypes.c_void_p,  # q
-            *[ctypes.c_int64] * 2,  # q row stride, q heads
-            ctypes.c_void_p,  # k
-            *[ctypes.c_int64] * 4,  # k row stride, k heads, tokens, head dim
-            *[ctypes.c_void_p] * 3,  # positions, cos, sin
-            ctypes.c_int64,  # positions in the tables
-            ctypes.c_int,  # threads
-        ],
-        textgen_silu_and_mul=[
-            *[ctypes.c_void_p, ctypes.c_int64],  # gate and up rows, their stride
-            ctypes.c_void_p,  # out
-            *[ctypes.c_int64] * 2,  # tokens, intermediate size
-            ctypes.c_int,  # threads
-        ],
-        textgen_row_stats=[
-            ctypes.c_void_p,  # logits
-            *[ctypes.c_int64] * 2,  # rows, cols
-            *[ctypes.c_void_p] * 2,  # argmax, lse
-            ctypes.c_int,  # threads
-        ],
-    )
+def int8_pack(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF blocks as the int8 product's weight: values [out, in] uint8, scales and offsets
+    [out, in / 32] float32 (out a multiple of 16)."""
+    return torch.ops.textgen.int8_pack(blocks, GGML_TYPE_IDS[kind])
 
 
-def _load(name: str, **functions: list) -> ctypes.CDLL | None:
-    """Build and load `<name>.c`, declaring each function's argument types (all return int)."""
-    if not enabled():
+def int8_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    kind: str,
+    gated: bool = False,
+) -> torch.Tensor:
+    """x [T, in] rounded to int8 per 32 features, times an `int8_pack`ed weight: [T, out].
+
+    `gated`: the weight is a fused gate/up projection and the result [T, out / 2] is
+    silu(gate) * up.
+    """
+    return torch.ops.textgen.int8_linear(x, values, scales, offsets, GGML_TYPE_IDS[kind], gated)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm of rows x [T, H] (contiguous rows), x's dtype."""
+    return torch.ops.textgen.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), in one pass."""
+    return torch.ops.textgen.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place ("rotate half"), float32 tables."""
+    torch.ops.textgen.rotary_(q, k, positions, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of rows x [T, 2I] (gate, then up): [T, I]."""
+    return torch.ops.textgen.silu_and_mul(x)
+
+
+def row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each float32 row's argmax (first maximum) and log-sum-exp: [R] int64, [R] float32."""
+    return torch.ops.textgen.row_stats(logits)
+
+
+def _register_fakes() -> None:
+    """Output shapes of every operator, for torch's fake tensors (tracing, opcheck)."""
+
+    def fake(name: str):
+        return torch.library.register_fake(f"textgen::{name}")
+
+    @fake("paged_decode")
+    def _(q, key_cache, value_cache, block_tables, context_lens, scale, *scales):
+        return q.new_empty(q.shape)
+
+    @fake("kv_store_int8")
+    def _(k, v, slots, key_cache, value_cache, key_scale, value_scale):
         return None
-    try:
-        library = ctypes.CDLL(str(build(name)))
-    except (OSError, RuntimeError) as error:
-        logger.warning("native kernel %s unavailable, using the torch path: %s", name, error)
+
+    @fake("gguf_linear")
+    def _(x, blocks, ggml_type, int8_activations=False):
+        return x.new_empty(x.shape[0], blocks.shape[0])
+
+    @fake("int8_pack")
+    def _(blocks, ggml_type):
+        block_bytes = {2: 18, 3: 20, 8: 34}[ggml_type]
+        n, k = blocks.shape[0], blocks.shape[1] // block_bytes * 32
+        scales = blocks.new_empty(n, k // 32, dtype=torch.float32)
+        return blocks.new_empty(n, k), scales, scales.new_empty(scales.shape)
+
+    @fake("int8_linear")
+    def _(x, values, scales, offsets, ggml_type, gated=False):
+        out = values.shape[0] // 2 if gated else values.shape[0]
+        return x.new_empty(x.shape[0], out)
+
+    @fake("rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @fake("add_rms_norm")
+    def _(x, residual, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @fake("rotary_")
+    def _(q, k, positions, cos, sin):
         return None
-    for function, argtypes in functions.items():
-        entry = getattr(library, function)
-        entry.restype = ctypes.c_int
-        entry.argtypes = argtypes
-    return library
 
+    @fake("silu_and_mul")
+    def _(x):
+        return x.new_empty(x.shape[0], x.shape[1] // 2)
 
-def _cpu_flags() -> str:
-    """The CPU's feature flags, so a cache folder shared between machines stays correct."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+    @fake("row_stats")
+    def _(logits):
+        rows = logits.shape[0]
+        return logits.new_empty(rows, dtype=torch.long), logits.new_empty(rows)

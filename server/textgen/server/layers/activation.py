@@ -1,7 +1,8 @@
 """The gated MLP's activation: act(gate) * up on a fused gate/up projection's output.
 
-For SiLU in bf16 on CPU it is one native pass (kernels/token_ops.c) that rounds where
-torch rounds `silu(gate) * up`, instead of three passes over a prefill's activations.
+For SiLU with the native operators it is one pass (`kernels.silu_and_mul`) that rounds
+where torch rounds `silu(gate) * up`, instead of three passes over a prefill's
+activations.
 Where the gate/up projection runs through the int8 kernel (--int8-activations), that
 kernel applies the same arithmetic to its own output tiles (`project`), and the
 [T, 2I] product never goes to memory.
@@ -19,31 +20,23 @@ from textgen.server.layers.linear import ColumnParallelLinear
 
 
 class GatedActivation(nn.Module):
-    def __init__(self, hidden_act: str, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, hidden_act: str, native: bool = False) -> None:
         super().__init__()
         self.act = ACT2FN[hidden_act]
-        native = hidden_act == "silu" and dtype == torch.bfloat16 and device.type == "cpu"
-        self.native = kernels.token_ops() if native else None
+        self.native = native and hidden_act == "silu"  # the native operator's arithmetic
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [T, 2I] (gate, then up) -> [T, I]."""
-        tokens, width = gate_up.shape
-        inter = width // 2
-        if self.native is not None and gate_up.dtype == torch.bfloat16 and gate_up.stride(1) == 1:
-            out = torch.empty(tokens, inter, dtype=gate_up.dtype)
-            self.native.textgen_silu_and_mul(
-                gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), tokens, inter,
-                torch.get_num_threads(),
-            )  # fmt: skip
-            return out
-        gate, up = gate_up.split(inter, dim=-1)
+        if self.native and gate_up.stride(1) == 1:
+            return kernels.silu_and_mul(gate_up)
+        gate, up = gate_up.split(gate_up.shape[1] // 2, dim=-1)
         return self.act(gate) * up
 
     def project(self, x: torch.Tensor, gate_up_proj: ColumnParallelLinear) -> torch.Tensor:
         """x [T, in] -> this activation of `gate_up_proj(x)`, [T, I]."""
         weight = gate_up_proj.int8
         if (
-            self.native is not None  # SiLU, bf16, CPU: the arithmetic the kernel shares
+            self.native  # SiLU: the arithmetic the int8 kernel shares
             and gate_up_proj.bias is None
             and gguf.applies_int8(x, weight)
             and weight.out_features % 32 == 0  # whole 16-feature tiles in each half

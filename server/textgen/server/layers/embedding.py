@@ -41,12 +41,16 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(nn.Module):
     def __init__(
-        self, weight: torch.Tensor, group: ParallelGroup, blocks: GGUFBlocks | None = None
+        self,
+        weight: torch.Tensor,
+        group: ParallelGroup,
+        blocks: GGUFBlocks | None = None,
+        pack_bf16: bool = False,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [V_local, hidden]
         self.group = group
-        self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
+        self.packed = pack(weight, pack_bf16)  # oneDNN layout for bf16 on CPU, else None
         self.blocks = blocks  # the same weight as GGUF blocks, for small batches
         self.int8: gguf.Int8Weight | None = None  # set by gguf.use_int8_activations
 
@@ -56,14 +60,16 @@ class ParallelLMHead(nn.Module):
     ) -> ParallelLMHead:
         """Share the embedding's slice when the checkpoint ties the two."""
         name = f"{prefix}.weight"
+        packs = weights.platform.packed_bf16_linear
         if tied or not weights.has(name):
             blocks = _row_blocks(weights, embedding.name)
-            return cls(embedding.weight.data, weights.group, blocks)
-        return cls(weights.get_sharded(name, dim=0), weights.group, _row_blocks(weights, name))
+            return cls(embedding.weight.data, weights.group, blocks, packs)
+        weight = weights.get_sharded(name, dim=0)
+        return cls(weight, weights.group, _row_blocks(weights, name), packs)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if gguf.applies(hidden, self.blocks):
-            logits = gguf.gguf_linear(hidden, self.blocks)  # [N, V_local]
+            logits = gguf.gguf_linear(hidden, self.blocks, self.int8 is not None)  # [N, V_local]
         elif gguf.applies_int8(hidden, self.int8):
             logits = gguf.int8_linear(hidden, self.int8)  # [N, V_local]
         elif self.packed is not None:

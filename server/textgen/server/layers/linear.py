@@ -23,12 +23,16 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output features (rows of W)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, blocks: GGUFBlocks | None = None
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        blocks: GGUFBlocks | None = None,
+        pack_bf16: bool = False,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out_local, in]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
+        self.packed = pack(weight, pack_bf16)  # oneDNN layout for bf16 on CPU, else None
         self.blocks = blocks  # the same weight as GGUF blocks, for small batches
         self.int8: gguf.Int8Weight | None = None  # set by gguf.use_int8_activations
 
@@ -57,11 +61,14 @@ class ColumnParallelLinear(nn.Module):
             weights.blocks(name, rows=r or weights.shard_range(name, 0))
             for name, r in zip([f"{p}.weight" for p in prefixes], ranges, strict=True)
         ]
-        return cls(fused("weight"), fused("bias") if bias else None, gguf.concat_rows(blocks))
+        packs = weights.platform.packed_bf16_linear
+        return cls(
+            fused("weight"), fused("bias") if bias else None, gguf.concat_rows(blocks), packs
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gguf.applies(x, self.blocks):
-            out = gguf.gguf_linear(x, self.blocks)  # [T, out_local]
+            out = gguf.gguf_linear(x, self.blocks, self.int8 is not None)  # [T, out_local]
             return out if self.bias is None else out + self.bias
         if gguf.applies_int8(x, self.int8):
             out = gguf.int8_linear(x, self.int8)  # [T, out_local]
@@ -80,12 +87,13 @@ class RowParallelLinear(nn.Module):
         bias: torch.Tensor | None,
         group: ParallelGroup,
         blocks: GGUFBlocks | None = None,
+        pack_bf16: bool = False,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in_local]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.group = group
-        self.packed = pack(weight)  # oneDNN layout for bf16 on CPU, else None
+        self.packed = pack(weight, pack_bf16)  # oneDNN layout for bf16 on CPU, else None
         self.blocks = blocks  # the same weight as GGUF blocks, for small batches
         self.int8: gguf.Int8Weight | None = None  # set by gguf.use_int8_activations
 
@@ -100,11 +108,11 @@ class RowParallelLinear(nn.Module):
         # NOTE: the bias is replicated and added after the reduction, exactly once.
         bias_tensor = weights.get(f"{prefix}.bias") if bias else None
         blocks = weights.blocks(name, columns=columns)
-        return cls(weight, bias_tensor, weights.group, blocks)
+        return cls(weight, bias_tensor, weights.group, blocks, weights.platform.packed_bf16_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gguf.applies(x, self.blocks):
-            partial = gguf.gguf_linear(x, self.blocks)  # [T, out]
+            partial = gguf.gguf_linear(x, self.blocks, self.int8 is not None)  # [T, out]
         elif gguf.applies_int8(x, self.int8):
             partial = gguf.int8_linear(x, self.int8)  # [T, out]
         elif self.packed is not None:

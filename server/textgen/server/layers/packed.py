@@ -4,13 +4,12 @@
 small matrices of a decode step that costs more than the product itself (measured on the
 default model, one thread: 33 ms of matmuls per decode step at batch 1, 20 ms packed;
 51 -> 30 ms at batch 16). The packed weight is an opaque oneDNN tensor; results are
-bit-identical to `F.linear`. Only bf16 on CPUs with native bf16 is packed: float32 keeps
-the plain path the greedy correctness tests compare against transformers.
+bit-identical to `F.linear`. Only bf16 on CPUs with native bf16 is packed (the platform's
+`packed_bf16_linear`): float32 keeps the plain path the greedy correctness tests compare
+against transformers.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -18,21 +17,9 @@ import torch
 _BATCH_HINT = 64
 
 
-def packing_enabled(weight: torch.Tensor) -> bool:
-    """True when `weight` can be packed here; TEXTGEN_PACKED_LINEAR=0 turns it off."""
-    return (
-        os.environ.get("TEXTGEN_PACKED_LINEAR", "1") != "0"
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and weight.dim() == 2
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-
-
-def pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """The oneDNN layout of `weight` [out, in], or None when packing does not apply."""
-    if not packing_enabled(weight):
+def pack(weight: torch.Tensor, enabled: bool) -> torch.Tensor | None:
+    """The oneDNN layout of `weight` [out, in] where `enabled`, else None."""
+    if not enabled or weight.dtype != torch.bfloat16 or weight.dim() != 2:
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
 

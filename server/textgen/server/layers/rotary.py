@@ -1,8 +1,8 @@
 """Rotary position embedding (RoPE) with a precomputed cos/sin table.
 
 Supported `rope_type`s: "default" and "llama3" (Llama 3.1 frequency scaling).
-In bf16 on CPU, q and k are rotated in place with one native call
-(kernels/token_ops.c) on float32 tables, instead of a dozen torch ops.
+With the native operators, q and k are rotated in place with one call
+(`kernels.rotary_`) on float32 tables, instead of a dozen torch ops.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class RopeConfig:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: RopeConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: RopeConfig, dtype: torch.dtype, device: torch.device, native: bool = False
+    ) -> None:
         super().__init__()
         inv_freq = _inv_freq(config).to(device)  # [D/2]
         positions = torch.arange(config.max_position, device=device, dtype=torch.float32)
@@ -61,11 +63,9 @@ class RotaryEmbedding(nn.Module):
         # NOTE: computed in float32 and cast once, matching transformers' rounding.
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
-        native = dtype == torch.bfloat16 and device.type == "cpu"
-        self.native = kernels.token_ops() if native else None
-        has_native = self.native is not None
-        self.cos32 = emb.cos() if has_native else None  # [P, D] float32, for the native call
-        self.sin32 = emb.sin() if has_native else None
+        self.native = native
+        self.cos32 = emb.cos() if native else None  # [P, D] float32, for the native call
+        self.sin32 = emb.sin() if native else None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -74,16 +74,8 @@ class RotaryEmbedding(nn.Module):
 
         NOTE: the native path rotates q and k in place and returns them.
         """
-        if self.native is not None and _native_layout(q, k, positions):
-            status = self.native.textgen_rotary(
-                q.data_ptr(), q.stride(0), q.shape[1],
-                k.data_ptr(), k.stride(0), k.shape[1],
-                q.shape[0], q.shape[2], positions.data_ptr(),
-                self.cos32.data_ptr(), self.sin32.data_ptr(), self.cos32.shape[0],
-                torch.get_num_threads(),
-            )  # fmt: skip
-            if status != 0:
-                raise IndexError(f"a position is past the rotary table ({self.cos32.shape[0]})")
+        if self.native and _native_layout(q, k, positions):
+            kernels.rotary_(q, k, positions, self.cos32, self.sin32)
             return q, k
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
@@ -94,7 +86,7 @@ def _native_layout(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) ->
     """Heads that are contiguous rows of D (views of one fused qkv are)."""
     d = q.shape[2]
     return (
-        q.dtype == k.dtype == torch.bfloat16
+        q.dtype == k.dtype
         and q.stride()[1:] == (d, 1)
         and k.stride()[1:] == (d, 1)
         and positions.dtype == torch.int64

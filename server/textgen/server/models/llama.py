@@ -120,7 +120,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear.load(
             weights, f"{prefix}.down_proj", bias=bias, columns=local
         )
-        self.act = GatedActivation(config.hidden_act, weights.dtype, weights.device)
+        self.act = GatedActivation(config.hidden_act, weights.platform.native_ops)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         inner = self.act.project(hidden, self.gate_up_proj)  # [T, I_local]
@@ -177,7 +177,10 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.shape = LlamaShape.from_hf(config, weights.group.world_size, weights.group.rank)
         rotary = RotaryEmbedding(
-            RopeConfig.from_hf(config, self.shape.head_dim), weights.dtype, weights.device
+            RopeConfig.from_hf(config, self.shape.head_dim),
+            weights.dtype,
+            weights.device,
+            weights.platform.native_ops,
         )
         self.embed_tokens = VocabParallelEmbedding.load(weights, f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(

@@ -15,14 +15,15 @@
  *     key, value    [num_blocks, block_size, Hkv, D] with the given block/token/head strides
  *     block_tables  [B, table_stride] int64; context_lens [B] int64
  *
- * `scratch` is float32 working space owned by the caller. Element types of q and out
- * (`kind`) and of the cache (`cache_kind`): 0 = float32, 1 = bfloat16 (rounded to nearest
- * even on the way out, as torch does), and for the cache only 2 = int8, each row of
- * head_dim values stored with one float32 scale (see `textgen_kv_store_int8`):
+ * Element types of q and out (`kind`) and of the cache (`cache_kind`): 0 = float32,
+ * 1 = bfloat16 (rounded to nearest even on the way out, as torch does), and for the cache
+ * only 2 = int8, each row of head_dim values stored with one float32 scale (see
+ * `kv_store_int8`):
  *     key_scale, value_scale  [num_blocks, Hkv, block_size] float32, contiguous
  * so that a block's scales of one head lie side by side. An int8 cache is read as its
- * dequantized values, int8 * scale, in float32. Built by textgen.server.kernels at
- * first use with the host compiler.
+ * dequantized values, int8 * scale, in float32. The arguments are a PagedDecodeArgs
+ * (kernel_api.h), checked by ops.cpp; each call computes one sequence in float32 working
+ * space `scratch` of paged_decode_scratch(...) floats.
  *
  * With AVX-512, bf16 caches whose head_dim is a multiple of 64 and which have at most 4
  * query heads per KV head take `decode_sequence_bf16`, which walks the block table block
@@ -39,10 +40,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernel_api.h"
 #include "vector_math.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -56,8 +55,6 @@
 #define DENORMALS_OFF(saved) (void)0
 #define DENORMALS_RESTORE(saved) (void)0
 #endif
-
-#define MAX_HEAD_DIM 512
 
 /* Row `src` of `n` elements of the given kind, widened into `dst`; an int8 row times
  * its `scale`. */
@@ -157,6 +154,168 @@ static void decode_sequence(
         else ((uint16_t *)out)[i] = float_to_bf16(acc[i]);
     }
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+
+/* 8 elements of a row of `kind` as floats (int8 as they are, without their scale). */
+static inline __m256 load8_kind(const void *row, int64_t i, int kind) {
+    if (kind == 0) return _mm256_loadu_ps((const float *)row + i);
+    if (kind == 1) {
+        const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    const __m128i bytes = _mm_loadl_epi64((const __m128i *)((const int8_t *)row + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+/* The sums of v[0], ..., v[7], in that order: a transposing tree of horizontal adds. */
+static inline __m256 sum8x8(const __m256 v[8]) {
+    const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+/* Blocks ahead whose keys and values are prefetched to L2. */
+#define AVX2_PREFETCH_BLOCKS 2
+
+/* Scores of tokens [0, n) (n <= 8) of a block against one query row `qrow`: keys at `key`
+ * + at, rows `token_stride` apart, each sum times its token's key scale. */
+static inline __attribute__((always_inline)) void scores8(
+    const float *qrow, const void *key, int64_t at, int64_t token_stride, int64_t chunks, int n,
+    const float *token_scales, const int cache_kind, float *out) {
+    __m256 part[8];
+    for (int i = 0; i < 8; i++) part[i] = _mm256_setzero_ps();
+    if (n == 8) { /* a constant count: the eight chains stay in registers */
+        for (int64_t c = 0; c < chunks; c++) {
+            const __m256 qv = _mm256_loadu_ps(qrow + 8 * c);
+            for (int i = 0; i < 8; i++)
+                part[i] = _mm256_fmadd_ps(
+                    qv, load8_kind(key, at + i * token_stride + 8 * c, cache_kind), part[i]);
+        }
+    } else {
+        for (int i = 0; i < n; i++)
+            for (int64_t c = 0; c < chunks; c++)
+                part[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qrow + 8 * c),
+                                          load8_kind(key, at + i * token_stride + 8 * c, cache_kind),
+                                          part[i]);
+    }
+    float sums[8];
+    _mm256_storeu_ps(sums, _mm256_mul_ps(sum8x8(part), _mm256_loadu_ps(token_scales)));
+    memcpy(out, sums, (size_t)n * sizeof(float));
+}
+
+/* `width` chunks of 8 dimensions of one query head's output row, `acc` (float32 in
+ * memory): acc = acc * correction + sum over tokens [0, n) of weight[t] * value row t, the
+ * rows at `value` + at, `token_stride` apart. */
+static inline __attribute__((always_inline)) void accumulate_values(
+    float *acc, float correction, const float *weight, const void *value, int64_t at,
+    int64_t token_stride, int64_t n, const int cache_kind, const int width) {
+    __m256 sum[8];
+    const __m256 scale = _mm256_set1_ps(correction);
+    for (int c = 0; c < width; c++) sum[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), scale);
+    for (int64_t t = 0; t < n; t++) {
+        const __m256 w = _mm256_set1_ps(weight[t]);
+        for (int c = 0; c < width; c++)
+            sum[c] = _mm256_fmadd_ps(w, load8_kind(value, at + t * token_stride + 8 * c, cache_kind),
+                                     sum[c]);
+    }
+    for (int c = 0; c < width; c++) _mm256_storeu_ps(acc + 8 * c, sum[c]);
+}
+
+/* decode_sequence with 8-float vectors, for head_dim a multiple of 8 and any cache kind,
+ * in one pass over the context (an online softmax): for each cache block, and each KV
+ * head and query head of its group, the block's scores (8 tokens at a time, their partial
+ * sums reduced together by sum8x8, an int8 cache's key scales applied), the running max
+ * and sum of exponentials updated, and the output row rescaled and given the block's
+ * values weighted by exp(score - max) (an int8 cache's value scales folded into the
+ * weights). Each key and value is read once from memory, while its block is hot; blocks
+ * ahead are prefetched. The row is divided by the sum at the end. */
+static inline __attribute__((always_inline)) void decode_sequence_avx2(
+    const void *q, const void *key, const void *value, void *out, const int64_t *table,
+    int64_t context, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
+    float scale, int kind, const int cache_kind, const float *key_scale,
+    const float *value_scale, float *scratch) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t num_blocks = (context + block_size - 1) / block_size;
+    const int64_t chunks = head_dim / 8;
+    float *query = scratch;                        /* [Hq, D], scaled */
+    float *acc = query + num_heads * head_dim;     /* [Hq, D] */
+    float *weights = acc + num_heads * head_dim;   /* [block_size] */
+    float running_max[num_heads], running_sum[num_heads];
+    for (int64_t head = 0; head < num_heads; head++) {
+        float *qrow = query + head * head_dim;
+        load_row(qrow, q, head * head_dim, (int)head_dim, kind, 1.0f);
+        for (int64_t d = 0; d < head_dim; d++) qrow[d] *= scale;
+        running_max[head] = -INFINITY;
+        running_sum[head] = 0.0f;
+    }
+    memset(acc, 0, (size_t)(num_heads * head_dim) * sizeof(float));
+    const int64_t element = cache_kind == 0 ? 4 : cache_kind == 1 ? 2 : 1;
+    const int64_t block_bytes = block_size * token_stride * element;
+    for (int64_t blk = 0; blk < num_blocks; blk++) {
+        const int64_t first = blk * block_size;
+        const int64_t n = context - first < block_size ? context - first : block_size;
+        if (blk + AVX2_PREFETCH_BLOCKS < num_blocks && block_stride == block_size * token_stride) {
+            const int64_t ahead = table[blk + AVX2_PREFETCH_BLOCKS] * block_stride * element;
+            for (int64_t line = 0; line < block_bytes; line += 64) {
+                _mm_prefetch((const char *)key + ahead + line, _MM_HINT_T1);
+                _mm_prefetch((const char *)value + ahead + line, _MM_HINT_T1);
+            }
+        }
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const int64_t base = table[blk] * block_stride + h * head_stride;
+            const int64_t scales_at = (table[blk] * num_kv_heads + h) * block_size;
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t head = h * group + g;
+                for (int64_t t0 = 0; t0 < n; t0 += 8) {
+                    const int count = n - t0 < 8 ? (int)(n - t0) : 8;
+                    float token_scales[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+                    for (int i = 0; i < count && key_scale != NULL; i++)
+                        token_scales[i] = key_scale[scales_at + t0 + i];
+                    scores8(query + head * head_dim, key, base + t0 * token_stride, token_stride,
+                            chunks, count, token_scales, cache_kind, weights + t0);
+                }
+                float top = running_max[head];
+                for (int64_t t = 0; t < n; t++) top = weights[t] > top ? weights[t] : top;
+                const float correction = exp_nonpositive(running_max[head] - top);
+                float sum = 0.0f;
+                for (int64_t t = 0; t < n; t++) weights[t] = exp_nonpositive(weights[t] - top);
+                for (int64_t t = 0; t < n; t++) sum += weights[t];
+                running_sum[head] = running_sum[head] * correction + sum;
+                running_max[head] = top;
+                if (value_scale != NULL)
+                    for (int64_t t = 0; t < n; t++) weights[t] *= value_scale[scales_at + t];
+                float *row = acc + head * head_dim;
+                for (int64_t c = 0; c < chunks;) {
+                    const int64_t left = chunks - c;
+                    const int width = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+#define VALUES(width)                                                                       \
+    accumulate_values(row + 8 * c, correction, weights, value, base + 8 * c, token_stride, n, \
+                      cache_kind, width)
+                    /* a constant width per copy: the sums stay in registers */
+                    if (width == 8) VALUES(8);
+                    else if (width == 4) VALUES(4);
+                    else if (width == 2) VALUES(2);
+                    else VALUES(1);
+#undef VALUES
+                    c += width;
+                }
+            }
+        }
+    }
+    for (int64_t head = 0; head < num_heads; head++) {
+        const float inv = 1.0f / running_sum[head];
+        for (int64_t d = 0; d < head_dim; d++) {
+            const float v = acc[head * head_dim + d] * inv;
+            if (kind == 0) ((float *)out)[head * head_dim + d] = v;
+            else ((uint16_t *)out)[head * head_dim + d] = float_to_bf16(v);
+        }
+    }
+}
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -718,46 +877,44 @@ static int decode_sequence_fast(
 }
 #endif
 
-/* Sequences are spread over `num_threads` OpenMP threads (the runtime torch already
- * loaded, so its thread team is reused); `scratch` holds num_threads * Hq *
- * (2 * D + max(context_lens)) floats. Returns 0, or 1 for shapes it does not take. */
-int textgen_paged_decode(
-    const void *q, int64_t q_stride, const void *key, const void *value, void *out,
-    const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
-    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride,
-    float scale, int kind, int cache_kind, const float *key_scale, const float *value_scale,
-    float *scratch, int64_t scratch_per_thread, int num_threads) {
-    if (head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads) return 1;
-    if (kind < 0 || kind > 1 || (cache_kind != kind && cache_kind != 2)) return 1;
-    if (cache_kind == 2 && (key_scale == NULL || value_scale == NULL)) return 1;
-    if (cache_kind != 2) key_scale = value_scale = NULL;
-    if (num_threads > num_seqs) num_threads = (int)num_seqs;
-    if (num_threads < 1) num_threads = 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t b = 0; b < num_seqs; b++) {
-#ifdef _OPENMP
-        float *mine = scratch + omp_get_thread_num() * scratch_per_thread;
-#else
-        float *mine = scratch;
-#endif
-        DENORMALS_OFF(csr);
-        const int64_t *table = block_tables + b * table_stride;
-        const size_t size = kind == 0 ? sizeof(float) : sizeof(uint16_t);
-        const void *qb = (const char *)q + (size_t)(b * q_stride) * size;
-        void *ob = (char *)out + (size_t)(b * num_heads * head_dim) * size;
+/* Sequence `b` of the batch `a` describes. */
+void KERNEL(paged_decode)(const PagedDecodeArgs *a, int64_t b, float *scratch) {
+    DENORMALS_OFF(csr);
+    const int64_t *table = a->block_tables + b * a->table_stride;
+    const size_t size = a->kind == KIND_F32 ? sizeof(float) : sizeof(uint16_t);
+    const void *q = (const char *)a->q + (size_t)(b * a->q_stride) * size;
+    void *out = (char *)a->out + (size_t)(b * a->num_heads * a->head_dim) * size;
+    const int64_t context = a->context_lens[b];
+    const float *key_scale = a->cache_kind == KIND_INT8 ? a->key_scale : NULL;
+    const float *value_scale = a->cache_kind == KIND_INT8 ? a->value_scale : NULL;
 #ifdef HAVE_AVX512
-        if (decode_sequence_fast(qb, key, value, ob, table, context_lens[b], num_heads,
-                                 num_kv_heads, head_dim, block_size, block_stride, token_stride,
-                                 head_stride, scale, kind, cache_kind, key_scale,
-                                 value_scale, mine) != 0)
-#endif
-            decode_sequence(qb, key, value, ob, table, context_lens[b], num_heads,
-                            num_kv_heads, head_dim, block_size, block_stride, token_stride,
-                            head_stride, scale, kind, cache_kind, key_scale, value_scale, mine);
+    if (decode_sequence_fast(q, a->key, a->value, out, table, context, a->num_heads,
+                             a->num_kv_heads, a->head_dim, a->block_size, a->block_stride,
+                             a->token_stride, a->head_stride, a->scale, a->kind, a->cache_kind,
+                             key_scale, value_scale, scratch) == 0) {
         DENORMALS_RESTORE(csr);
+        return;
     }
-    return 0;
+#endif
+#ifdef HAVE_AVX2
+    if (a->head_dim % 8 == 0) {
+#define AVX2_DECODE(cache_kind)                                                              \
+    decode_sequence_avx2(q, a->key, a->value, out, table, context, a->num_heads,           \
+                         a->num_kv_heads, a->head_dim, a->block_size, a->block_stride,     \
+                         a->token_stride, a->head_stride, a->scale, a->kind, cache_kind,   \
+                         key_scale, value_scale, scratch)
+        /* a constant cache kind per copy: no branch in the inner loops */
+        if (a->cache_kind == KIND_F32) AVX2_DECODE(KIND_F32);
+        else if (a->cache_kind == KIND_BF16) AVX2_DECODE(KIND_BF16);
+        else AVX2_DECODE(KIND_INT8);
+#undef AVX2_DECODE
+    } else
+#endif
+        decode_sequence(q, a->key, a->value, out, table, context, a->num_heads,
+                        a->num_kv_heads, a->head_dim, a->block_size, a->block_stride,
+                        a->token_stride, a->head_stride, a->scale, a->kind, a->cache_kind,
+                        key_scale, value_scale, scratch);
+    DENORMALS_RESTORE(csr);
 }
 
 /* One row of `n` values quantized to int8 with one scale, as LayerCache's torch path does:
@@ -804,31 +961,20 @@ static inline void quantize_row(const void *src, int64_t offset, int n, int kind
     *scale = top / 127.0f;
 }
 
-/* Stores a forward's new keys and values into an int8 cache: each token's rows (kind 0
- * float32 or 1 bf16; token rows `k_stride` and `v_stride` elements apart, heads
- * contiguous within a row) quantized by `quantize_row` and written at the token's slot:
- *     key, value              [num_slots, Hkv, D] int8
- *     key_scale, value_scale  [num_blocks, Hkv, block_size] float32
- * Returns 0, or 1 for shapes it does not take. */
-int textgen_kv_store_int8(
-    const void *k, int64_t k_stride, const void *v, int64_t v_stride, int kind,
-    const int64_t *slots, int64_t num_tokens, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, int8_t *key, int8_t *value, float *key_scale, float *value_scale,
-    int num_threads) {
-    if (head_dim > MAX_HEAD_DIM || kind < 0 || kind > 1) return 1;
-    if (num_threads < 1 || num_tokens < 64) num_threads = 1; /* a decode step: no team */
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t t = 0; t < num_tokens; t++) {
-        const int64_t slot = slots[t];
-        const int64_t block = slot / block_size, offset = slot % block_size;
+/* Stores tokens [begin, end) of a forward's new keys and values into an int8 cache, each
+ * row quantized by `quantize_row` and written at the token's slot (see KvStoreArgs). */
+void KERNEL(kv_store_int8)(const KvStoreArgs *a, int64_t begin, int64_t end) {
+    const int64_t num_kv_heads = a->num_kv_heads, head_dim = a->head_dim;
+    for (int64_t t = begin; t < end; t++) {
+        const int64_t slot = a->slots[t];
+        const int64_t block = slot / a->block_size, offset = slot % a->block_size;
         for (int64_t h = 0; h < num_kv_heads; h++) {
             const int64_t at = (slot * num_kv_heads + h) * head_dim;
-            const int64_t scale_at = (block * num_kv_heads + h) * block_size + offset;
-            quantize_row(k, t * k_stride + h * head_dim, (int)head_dim, kind, key + at,
-                         key_scale + scale_at);
-            quantize_row(v, t * v_stride + h * head_dim, (int)head_dim, kind, value + at,
-                         value_scale + scale_at);
+            const int64_t scale_at = (block * num_kv_heads + h) * a->block_size + offset;
+            quantize_row(a->k, t * a->k_stride + h * head_dim, (int)head_dim, a->kind,
+                         a->key + at, a->key_scale + scale_at);
+            quantize_row(a->v, t * a->v_stride + h * head_dim, (int)head_dim, a->kind,
+                         a->value + at, a->value_scale + scale_at);
         }
     }
-    return 0;
 }
