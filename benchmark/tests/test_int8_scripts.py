@@ -43,5 +43,5 @@ def test_decode_step_script_takes_int8_activations():
         str(SCRIPTS / "decode_step.py"), "--threads", "1",
         "--int8-activations", "--prefill-prompts", "2", "--batch-size", "8", "--runs", "1",
     )  # fmt: skip
-    assert "int8 activations" in out
+    assert "(int8 activations)" in out
     assert "prefill 2 x 200" in out and "decode batch 8" in out

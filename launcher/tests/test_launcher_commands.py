@@ -122,10 +122,13 @@ def test_int8_activations_reach_the_shards_config() -> None:
         return config_from_args(build_parser().parse_args(argv[argv.index("serve") :]))
 
     assert "--int8-activations" not in make_commands().shard(0)
-    assert not shard_config(make_commands().shard(0)).int8_activations
+    assert shard_config(make_commands().shard(0)).int8_activations is None  # the platform's
     argv = make_commands(int8_activations=True).shard(0)
     assert "--int8-activations" in argv
-    assert shard_config(argv).int8_activations
+    assert shard_config(argv).int8_activations is True
+    argv = make_commands(int8_activations=False).shard(0)
+    assert "--no-int8-activations" in argv
+    assert shard_config(argv).int8_activations is False
 
 
 def test_the_kv_cache_dtype_reaches_the_shards_config() -> None:

@@ -61,10 +61,10 @@ def int8_isa(request) -> str:
     kernels.select_isa(previous)
 
 
-def cpu_platform(dtype: torch.dtype) -> Platform:
+def cpu_platform(dtype: torch.dtype, int8_activations: bool = False) -> Platform:
     """The CPU platform of a shard of `dtype` here, at the ISA level selected now."""
     isa = kernels.selected_isa() if kernels.available() else "none"
-    return Platform.detect(CPU, str(dtype).removeprefix("torch."), isa)
+    return Platform.detect(CPU, str(dtype).removeprefix("torch."), isa, int8_activations)
 
 
 @pytest.fixture(scope="session")

@@ -185,7 +185,9 @@ def test_default_model_with_int8_activations_stays_close_to_float32(real_model_d
     platform = cpu_platform(dtype)
     if dtype == torch.bfloat16 and not platform.native_bf16:
         pytest.skip("this CPU has no native bf16")
-    int8 = ModelRunner.load(real_model_dir, platform, 16, ParallelGroup(), int8_activations=True)
+    int8_platform = cpu_platform(dtype, int8_activations=True)
+    assert int8_platform.int8_activations
+    int8 = ModelRunner.load(real_model_dir, int8_platform, 16, ParallelGroup())
     layers = [m for m in int8.model.modules() if getattr(m, "int8", None) is not None]
     assert len(layers) == 4 * 30 + 1  # qkv, o, gate/up, down per layer, and the output layer
     plain = ModelRunner.load(real_model_dir, platform, 16, ParallelGroup())

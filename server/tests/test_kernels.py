@@ -65,6 +65,20 @@ def test_the_default_dtype_follows_native_bf16():
     assert not Platform.detect(CPU, "float16").native_ops  # the operators take f32 and bf16
 
 
+def test_int8_activations_by_default_only_where_float32_is_chosen_for_want_of_bf16():
+    detected = Platform.detect(CPU)
+    assert detected.int8_activations == (not detected.native_bf16 and detected.int8_products)
+    asked = Platform.detect(CPU, "float32")  # a dtype asked for: its own arithmetic
+    assert not asked.int8_activations
+    assert Platform.detect(CPU, "float32", int8_activations=True).int8_activations == (
+        asked.int8_products
+    )
+    assert not Platform.detect(CPU, int8_activations=False).int8_activations
+    assert not Platform.detect(CPU, isa="none", int8_activations=True).int8_activations
+    if detected.int8_activations:
+        assert "(int8 activations)" in detected.describe()
+
+
 def _cases() -> dict[str, tuple]:
     """One valid call of each operator."""
     torch.manual_seed(0)

@@ -65,7 +65,8 @@ class TextgenCommands:
             "--master-port", str(self.master_port),
             *observability_flags(c),
         ]  # fmt: skip
-        argv += ["--int8-activations"] if c.int8_activations else []
+        if c.int8_activations is not None:  # else the shard's platform decides
+            argv += ["--int8-activations" if c.int8_activations else "--no-int8-activations"]
         if c.kv_cache_dtype != "auto":
             argv += ["--kv-cache-dtype", c.kv_cache_dtype]
         return argv + _optional("--num-threads", self.num_threads)

@@ -56,9 +56,10 @@ FLAG_HELP = {
     "dtype": "default: bfloat16 on CUDA and on CPUs with native bf16, else float32",
     "shard_uds_path": "shard r listens on unix://{path}-{r}",
     "kv_cache_memory_gib": "memory each shard gives its paged KV cache",
-    "int8_activations": "on CPUs with AVX-512 VNNI, multiply a GGUF model's weight blocks with"
-    " activations rounded to int8 per 32 features, as llama.cpp does: faster steps, logits"
-    " a little further from float32 than bf16's (bf16 only; see README)",
+    "int8_activations": "multiply a GGUF model's weight blocks with activations rounded to int8"
+    " per 32 features, as llama.cpp does: faster steps, logits a little further from float32"
+    " than bf16's (see README); default: on when --dtype is not given and the CPU has no"
+    " native bf16 (float32 is chosen), off otherwise",
     "kv_cache_dtype": "auto: keys and values in the model's dtype; int8: each row of head_dim"
     " values as int8 with a float32 scale, about half the bytes per token (see README)",
     "master_addr": "torch.distributed rendezvous address",
@@ -99,7 +100,7 @@ class LauncherConfig:
     dtype: str | None = None
     shard_uds_path: str = "/tmp/textgen-server"
     kv_cache_memory_gib: float = 1.0
-    int8_activations: bool = False
+    int8_activations: bool | None = None
     kv_cache_dtype: str = "auto"
     master_addr: str = "localhost"
     master_port: int | None = None
@@ -173,6 +174,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = FLAG_HELP[f.name]
         if hints[f.name] is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        if hints[f.name] == bool | None:  # --flag / --no-flag; None: the default's rule
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
         kind = _value_type(hints[f.name])
         choices = FLAG_CHOICES.get(f.name)

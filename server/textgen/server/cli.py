@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument(
         "--int8-activations",
-        action="store_true",
-        help="bf16 on CPU: GGUF weight blocks times activations rounded to int8 per 32 features",
+        action=argparse.BooleanOptionalAction,
+        default=default("int8_activations"),
+        help="GGUF weight blocks times activations rounded to int8 per 32 features; default: "
+        "on with --dtype auto on a CPU without native bf16",
     )
     cmd.add_argument(
         "--kv-cache-dtype",

@@ -35,7 +35,8 @@ class ServerConfig:
     """Shards trace as `{otlp_service_name}.server`."""
     json_output: bool = False
     num_threads: int | None = None  # CPU threads of this shard; None: torch's default (all)
-    int8_activations: bool = False  # GGUF blocks x int8 activations (layers/gguf.py)
+    # GGUF blocks x int8 activations (layers/gguf.py); None: the platform's choice
+    int8_activations: bool | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": a scale per row (kv_cache.py)
 
     def __post_init__(self) -> None:

@@ -67,15 +67,16 @@ class ModelRunner:
         block_size: int,
         group: ParallelGroup,
         attention_backend: str = "cpu",
-        int8_activations: bool = False,
         kv_cache_dtype: str = "auto",
     ) -> ModelRunner:
+        """The model of `model_dir` on `platform` (its int8 activations included)."""
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         weights = Weights(model_dir, platform, group)
         attention = get_attention_backend(attention_backend, platform)
         model = get_model_class(config.model_type).load(config, weights, attention)
-        if int8_activations:
-            _use_int8_activations(model, platform)
+        if platform.int8_activations:
+            count = gguf.use_int8_activations(model)
+            logger.info("int8 activations: %d layers multiply GGUF blocks in int8", count)
         return cls(model, config, block_size, platform, kv_cache_dtype)
 
     @property
@@ -130,18 +131,3 @@ class ModelRunner:
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-
-def _use_int8_activations(model: CausalLM, platform: Platform) -> None:
-    """Switch `model`'s GGUF-backed layers to int8 activations, saying when none can."""
-    if not platform.int8_products:
-        logger.warning(
-            "--int8-activations: no int8 product for %s; the products stay as they are",
-            platform.describe(),
-        )
-        return
-    count = gguf.use_int8_activations(model)
-    if count == 0:
-        logger.warning("--int8-activations: no layer switched (the model has no GGUF blocks)")
-    else:
-        logger.info("int8 activations: %d layers multiply GGUF blocks in int8", count)

@@ -2,7 +2,8 @@
 
 `Platform.detect` reads the machine (device, the CPU's ISA level among the native
 operators' builds, native bf16, an int8 product) and the shard's settings, resolves the
-default dtype, and returns one frozen description. The model runner, the layers, the KV
+default dtype and whether a GGUF model's products take int8 activations, and returns one
+frozen description. The model runner, the layers, the KV
 cache, the attention backend and the sampler take their fast paths from it; none of them
 asks the machine or the environment again.
 
@@ -13,6 +14,7 @@ ATEN_CPU_CAPABILITY does for torch's own kernels).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -37,20 +39,38 @@ class Platform:
     isa: str | None  # the native operators' ISA level in use; None: not used here
     native_bf16: bool  # bf16 products in hardware (AVX512_BF16 or AMX; any CUDA device)
     int8_isa: str | None = None  # the level the int8 product runs on; None: none here
+    int8_activations: bool = False  # GGUF blocks times activations rounded to int8
 
     @classmethod
-    def detect(cls, device: torch.device, dtype: str = AUTO_DTYPE, isa: str = AUTO) -> Platform:
+    def detect(
+        cls,
+        device: torch.device,
+        dtype: str = AUTO_DTYPE,
+        isa: str = AUTO,
+        int8_activations: bool | None = None,
+    ) -> Platform:
         """This machine as `device` sees it; `dtype` and `isa` "auto" choose the best.
+
+        `int8_activations` None: on where the dtype is left to the platform and it takes
+        float32 for want of native bf16. There the dense float32 products are the slow
+        part, and a GGUF model's own arithmetic, as llama.cpp runs it on such CPUs, is
+        2 to 3 times faster (benchmark/RESULTS.md); with native bf16, or a dtype asked
+        for, the products keep that dtype unless int8 is asked for too.
 
         Selects the ISA level in the operators' library (process-wide, once).
         """
         native_bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         resolved = default_dtype(device, native_bf16) if dtype == AUTO_DTYPE else DTYPES[dtype]
+        if int8_activations is None:
+            int8_activations = dtype == AUTO_DTYPE and not native_bf16
         level = _isa_level(device, os.environ.get(ISA_ENV, AUTO) if isa == AUTO else isa)
         if level is None:
             return cls(device, resolved, None, native_bf16)
         kernels.select_isa(level)
-        return cls(device, resolved, level, native_bf16, kernels.int8_isa())
+        platform = cls(device, resolved, level, native_bf16, kernels.int8_isa())
+        if int8_activations and platform.int8_products:
+            return dataclasses.replace(platform, int8_activations=True)
+        return platform
 
     @property
     def native_cpu(self) -> bool:
@@ -87,6 +107,7 @@ class Platform:
         dtype = str(self.dtype).removeprefix("torch.")
         native = f"native CPU operators {self.isa}" if self.isa else "no native CPU operators"
         int8 = f", int8 products {self.int8_isa}" if self.int8_isa else ""
+        int8 += " (int8 activations)" if self.int8_activations else ""
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
         return f"{self.device.type} {dtype}, {native}{int8}, {bf16}"
 

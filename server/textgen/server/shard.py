@@ -47,14 +47,17 @@ class Shard:
 
     @classmethod
     def load(cls, config: ServerConfig, group: ParallelGroup, device: torch.device) -> Shard:
-        platform = Platform.detect(device, config.dtype)
+        platform = Platform.detect(device, config.dtype, int8_activations=config.int8_activations)
         logger.info("platform: %s", platform.describe())
+        if config.int8_activations and not platform.int8_activations:
+            logger.warning(
+                "--int8-activations: no int8 product here; the products stay as they are"
+            )
         runner = ModelRunner.load(
             Path(config.model_dir),
             platform,
             config.block_size,
             group,
-            int8_activations=config.int8_activations,
             kv_cache_dtype=config.kv_cache_dtype,
         )
         return cls(runner, config)

@@ -215,14 +215,11 @@ constexpr int64_t kParallelMinTokens = 32;
 
 // -- paged attention -----------------------------------------------------------------------
 
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache,
-                        const at::Tensor& value_cache, const at::Tensor& block_tables,
-                        const at::Tensor& context_lens, double scale,
-                        const std::optional<at::Tensor>& key_scale,
-                        const std::optional<at::Tensor>& value_scale) {
-  const int kind = kind_of(q, "q");
-  check_heads(q, "q");
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+// The key and value caches [num_blocks, block_size, kv_heads, head_dim] of one layout with
+// contiguous rows, of q's dtype or int8 (then with their scales): whether they are int8.
+bool check_caches(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                  const std::optional<at::Tensor>& key_scale,
+                  const std::optional<at::Tensor>& value_scale) {
   TORCH_CHECK_VALUE(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
                         key_cache.strides() == value_cache.strides() &&
                         key_cache.stride(3) == 1,
@@ -234,54 +231,75 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache,
   const bool int8 = key_cache.scalar_type() == at::kChar;
   TORCH_CHECK_VALUE(int8 || key_cache.scalar_type() == q.scalar_type(),
                     "the cache must have q's dtype or be int8, got ", key_cache.scalar_type());
-  const int64_t num_blocks = key_cache.size(0), block_size = key_cache.size(1);
-  const int64_t num_kv_heads = key_cache.size(2);
+  const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = key_cache.size(2);
   TORCH_CHECK_VALUE(key_cache.size(3) == head_dim, "q and the cache differ in head_dim");
   TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0,
                     "query heads must be a multiple of the KV heads");
   TORCH_CHECK_VALUE(head_dim <= MAX_HEAD_DIM, "head_dim above ", MAX_HEAD_DIM);
-  if (int8) {
-    TORCH_CHECK_VALUE(key_scale.has_value() && value_scale.has_value(),
-                      "an int8 cache needs its key and value scales");
-    for (const at::Tensor* s : {&*key_scale, &*value_scale}) {
-      check_contiguous(*s, "a cache scale", at::kFloat, 3);
-      TORCH_CHECK_VALUE(s->sizes() == at::IntArrayRef({num_blocks, num_kv_heads, block_size}),
-                        "cache scales must be [num_blocks, kv_heads, block_size]");
-    }
+  if (!int8) return false;
+  TORCH_CHECK_VALUE(key_scale.has_value() && value_scale.has_value(),
+                    "an int8 cache needs its key and value scales");
+  const std::vector<int64_t> shape{key_cache.size(0), num_kv_heads, key_cache.size(1)};
+  for (const at::Tensor* s : {&*key_scale, &*value_scale}) {
+    check_contiguous(*s, "a cache scale", at::kFloat, 3);
+    TORCH_CHECK_VALUE(s->sizes() == at::IntArrayRef(shape),
+                      "cache scales must be [num_blocks, kv_heads, block_size]");
   }
+  return true;
+}
+
+// Every sequence's context within its block table and every block it reads within the
+// cache: the longest context.
+int64_t check_block_tables(const at::Tensor& block_tables, const at::Tensor& context_lens,
+                           int64_t num_seqs, int64_t num_blocks, int64_t block_size) {
   check_tensor(block_tables, "block_tables", at::kLong, 2);
   TORCH_CHECK_VALUE(block_tables.size(0) == num_seqs && block_tables.stride(1) == 1,
                     "block_tables must be [batch, max_blocks] with contiguous rows");
   check_contiguous(context_lens, "context_lens", at::kLong, 1);
   TORCH_CHECK_VALUE(context_lens.size(0) == num_seqs, "one context length per sequence");
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   int64_t max_context = 0;
   for (int64_t b = 0; b < num_seqs; b++) {
     const int64_t context = lens[b];
     TORCH_CHECK_INDEX(context >= 1 && context <= block_tables.size(1) * block_size,
                       "sequence ", b, ": context length ", context, " outside its block table");
-    const int64_t* table = tables + b * block_tables.stride(0);
+    const int64_t* table = block_tables.data_ptr<int64_t>() + b * block_tables.stride(0);
     for (int64_t i = 0; i < (context + block_size - 1) / block_size; i++)
       TORCH_CHECK_INDEX(table[i] >= 0 && table[i] < num_blocks, "sequence ", b, ": block ",
                         table[i], " outside the cache's ", num_blocks);
     max_context = std::max(max_context, context);
   }
+  return max_context;
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache,
+                        const at::Tensor& value_cache, const at::Tensor& block_tables,
+                        const at::Tensor& context_lens, double scale,
+                        const std::optional<at::Tensor>& key_scale,
+                        const std::optional<at::Tensor>& value_scale) {
+  const int kind = kind_of(q, "q");
+  check_heads(q, "q");
+  const bool int8 = check_caches(q, key_cache, value_cache, key_scale, value_scale);
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = key_cache.size(1);
+  const int64_t max_context =
+      check_block_tables(block_tables, context_lens, num_seqs, key_cache.size(0), block_size);
   at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options());
   if (num_seqs == 0) return out;
   const int64_t per_thread = paged_decode_scratch(num_heads, head_dim, max_context, block_size);
-  at::Tensor scratch = at::empty({at::get_num_threads(), per_thread}, q.options().dtype(at::kFloat));
+  at::Tensor scratch =
+      at::empty({at::get_num_threads(), per_thread}, q.options().dtype(at::kFloat));
   const PagedDecodeArgs args{
       q.data_ptr(),
       q.stride(0),
       key_cache.data_ptr(),
       value_cache.data_ptr(),
       out.data_ptr(),
-      tables,
+      block_tables.data_ptr<int64_t>(),
       block_tables.stride(0),
-      lens,
+      context_lens.data_ptr<int64_t>(),
       num_heads,
-      num_kv_heads,
+      key_cache.size(2),
       head_dim,
       block_size,
       key_cache.stride(0),
