@@ -91,6 +91,22 @@ def test_native_decode_on_awkward_shapes(hq, hkv, d, block_size, lengths, dtype,
         torch.testing.assert_close(out[b].double(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_store_writes_what_index_copy_writes(dtype, isa):
+    torch.manual_seed(6)
+    native = LayerCache(
+        torch.zeros(5, 4, 2, 16, dtype=dtype), torch.zeros(5, 4, 2, 16, dtype=dtype)
+    )
+    native = LayerCache(native.key, native.value, native=True)
+    plain = LayerCache(native.key.clone(), native.value.clone())
+    qkv = torch.randn(6, (4 + 2 * 2) * 16).to(dtype)  # k and v: strided views of one row
+    k, v = qkv[:, 64:96].view(6, 2, 16), qkv[:, 96:].view(6, 2, 16)
+    slots = torch.tensor([3, 0, 19, 7, 12, 8])
+    native.store(slots, k, v)
+    plain.store(slots, k, v)
+    assert torch.equal(native.key, plain.key) and torch.equal(native.value, plain.value)
+
+
 def test_packed_linear_is_identical_to_linear_in_bf16():
     if not cpu_platform(torch.bfloat16).packed_bf16_linear:
         pytest.skip("no native bf16 oneDNN on this CPU")

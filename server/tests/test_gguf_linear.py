@@ -10,6 +10,7 @@ from conftest import cpu_platform
 from gguf_testing import dequantized, make_blocks
 from safetensors import safe_open
 
+from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.layers import gguf
 from textgen.server.model_runner import ModelRunner, SequenceInput
@@ -39,6 +40,21 @@ def test_kernel_matches_the_product_with_dequantized_weights(kind, num_tokens, i
     assert out.dtype == torch.bfloat16
     # float32 sums rounded once to bf16: at most one bf16 step from the exact result's rounding
     torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_product_is_the_silu_pass_over_the_product(dtype, int8, isa):
+    """A gated MLP's fused gate/up projection at a small step: one call, the same bits."""
+    if int8 and kernels.int8_isa() is None:
+        pytest.skip(f"no int8 product at {isa}")
+    torch.manual_seed(4)
+    blocks = make_blocks(torch.randn(96, 64), "Q4_1")  # 48 gate rows, then 48 up rows
+    x = (torch.randn(3, 64) * 2).to(dtype)
+    plain = gguf.gguf_linear(x, blocks, int8)
+    gated = gguf.gguf_linear(x, blocks, int8, gated=True)
+    assert gated.shape == (3, 48) and gated.dtype == dtype
+    assert torch.equal(gated, kernels.silu_and_mul(plain))
 
 
 def test_kernel_reads_strided_rows(isa):

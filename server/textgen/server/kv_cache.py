@@ -54,7 +54,7 @@ class KVCache:
     def __init__(
         self, spec: KVCacheSpec, num_blocks: int, device: torch.device, native: bool = False
     ) -> None:
-        """`native`: an int8 cache stores its rows with the native operator."""
+        """`native`: rows are stored by the native operators."""
         self.spec = spec
         self.num_blocks = num_blocks
         self.native = native
@@ -94,7 +94,7 @@ class LayerCache:
     # An int8 cache's scales, [num_blocks, Hkv, block_size] float32; None otherwise.
     key_scale: torch.Tensor | None = None
     value_scale: torch.Tensor | None = None
-    native: bool = False  # an int8 cache's rows are quantized by the native operator
+    native: bool = False  # rows are stored (an int8 cache's quantized) by native operators
 
     @property
     def quantized(self) -> bool:
@@ -115,11 +115,15 @@ class LayerCache:
     def store(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Writes new tokens' keys and values [T, Hkv, D] at their slots [T]."""
         key, value = self.flat()
+        native = self.native and _native_rows(k) and _native_rows(v)
         if not self.quantized:
-            key.index_copy_(0, slots, k)
-            value.index_copy_(0, slots, v)
+            if native and k.dtype == v.dtype == self.key.dtype:
+                kernels.kv_store(k, v, slots.contiguous(), self.key, self.value)
+            else:
+                key.index_copy_(0, slots, k)
+                value.index_copy_(0, slots, v)
             return
-        if self.native and _native_rows(k) and _native_rows(v):
+        if native:
             kernels.kv_store_int8(
                 k, v, slots.contiguous(), self.key, self.value, self.key_scale, self.value_scale
             )

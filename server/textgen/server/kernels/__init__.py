@@ -83,6 +83,17 @@ def paged_decode(
     )
 
 
+def kv_store(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+) -> None:
+    """New keys and values [T, Hkv, D] copied into a cache of their dtype at slots [T]."""
+    torch.ops.textgen.kv_store(k, v, slots, key_cache, value_cache)
+
+
 def kv_store_int8(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -97,13 +108,20 @@ def kv_store_int8(
 
 
 def gguf_linear(
-    x: torch.Tensor, blocks: torch.Tensor, kind: str, int8_activations: bool = False
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    kind: str,
+    int8_activations: bool = False,
+    gated: bool = False,
 ) -> torch.Tensor:
     """x [T, in] @ W^T with W as GGUF blocks [out, in / 32 * block bytes]: [T, out], x's dtype.
 
     `int8_activations`: x rounded to int8 per 32 features, each block dotted in integers.
+    `gated`: W is a fused gate/up projection and the result [T, out / 2] is silu(gate) * up,
+    the native SiLU pass over the product to the bit.
     """
-    return torch.ops.textgen.gguf_linear(x, blocks, GGML_TYPE_IDS[kind], int8_activations)
+    kind_id = GGML_TYPE_IDS[kind]
+    return torch.ops.textgen.gguf_linear(x, blocks, kind_id, int8_activations, gated)
 
 
 def int8_pack(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,8 +190,12 @@ def _register_fakes() -> None:
         return None
 
     @fake("gguf_linear")
-    def _(x, blocks, ggml_type, int8_activations=False):
-        return x.new_empty(x.shape[0], blocks.shape[0])
+    def _(x, blocks, ggml_type, int8_activations=False, gated=False):
+        return x.new_empty(x.shape[0], blocks.shape[0] // 2 if gated else blocks.shape[0])
+
+    @fake("kv_store")
+    def _(k, v, slots, key_cache, value_cache):
+        return None
 
     @fake("int8_pack")
     def _(blocks, ggml_type):

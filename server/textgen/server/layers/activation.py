@@ -34,12 +34,12 @@ class GatedActivation(nn.Module):
 
     def project(self, x: torch.Tensor, gate_up_proj: ColumnParallelLinear) -> torch.Tensor:
         """x [T, in] -> this activation of `gate_up_proj(x)`, [T, I]."""
-        weight = gate_up_proj.int8
-        if (
-            self.native  # SiLU: the arithmetic the int8 kernel shares
-            and gate_up_proj.bias is None
-            and gguf.applies_int8(x, weight)
-            and weight.out_features % 32 == 0  # whole 16-feature tiles in each half
-        ):
-            return gguf.int8_linear(x, weight, gated=True)  # the same bits, in one pass
+        weight, blocks = gate_up_proj.int8, gate_up_proj.blocks
+        if not self.native or gate_up_proj.bias is not None:  # SiLU, the kernels' arithmetic
+            return self(gate_up_proj(x))
+        if gguf.applies(x, blocks):  # a small step: the same bits, one call
+            return gguf.gguf_linear(x, blocks, weight is not None, gated=True)
+        if gguf.applies_int8(x, weight) and weight.out_features % 32 == 0:
+            # whole 16-feature tiles in each half: the same bits, the [T, 2I] product unwritten
+            return gguf.int8_linear(x, weight, gated=True)
         return self(gate_up_proj(x))

@@ -46,13 +46,16 @@ def applies(x: torch.Tensor, blocks: GGUFBlocks | None) -> bool:
     return blocks is not None and x.shape[0] <= MAX_TOKENS
 
 
-def gguf_linear(x: torch.Tensor, blocks: GGUFBlocks, int8: bool = False) -> torch.Tensor:
+def gguf_linear(
+    x: torch.Tensor, blocks: GGUFBlocks, int8: bool = False, gated: bool = False
+) -> torch.Tensor:
     """x [T, in] @ W^T with W given as blocks: [T, out], x's dtype.
 
     `int8`: x rounded to int8 per 32 features (the layer runs on int8 activations).
+    `gated`: W is a fused gate/up projection; [T, out / 2], silu(gate) * up.
     """
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return kernels.gguf_linear(x, blocks.data, blocks.kind, int8)
+    return kernels.gguf_linear(x, blocks.data, blocks.kind, int8, gated)
 
 
 @dataclass(frozen=True)
