@@ -83,6 +83,23 @@ def test_float32_activations_round_only_to_int8(kind, num_tokens, shape, int8_is
     assert ((out.double() - expected).abs() <= _float32_bound(x, weight)).all()
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("num_tokens", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_steps_read_the_blocks_with_int8_activations(kind, num_tokens, dtype, int8_isa):
+    """Steps of up to 4 tokens: the GGUF blocks themselves, each dotted in integers."""
+    torch.manual_seed(num_tokens)
+    blocks = make_blocks(torch.randn(48, 576) * 0.1, kind)
+    x = (torch.randn(num_tokens, 576) * 2).to(dtype)
+    out = gguf.gguf_linear(x, blocks, int8=True)
+    assert out.dtype == dtype and out.shape == (num_tokens, 48)
+    expected = _rounded(x) @ dequantized(blocks).double().T
+    bound = _float32_bound(x, gguf.pack_int8(blocks))  # the same terms, summed otherwise
+    if dtype == torch.bfloat16:  # and rounded once to bf16
+        bound = bound + expected.abs() * 2**-8
+    assert ((out.double() - expected).abs() <= bound).all()
+
+
 def test_rounding_activations_stays_close_to_the_exact_product(int8_isa):
     torch.manual_seed(0)
     blocks = make_blocks(torch.randn(64, 576) * 0.05, "Q4_1")

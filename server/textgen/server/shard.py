@@ -97,13 +97,15 @@ class Shard:
     def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
         """Size the cache from the budget, then run a prefill and a decode step.
 
-        The cache's size is arithmetic (the budget over a block's bytes). The forwards are
-        there so that the first request runs as fast as the second: every path a step can
-        take (the products of a prefill's many tokens and of a decode step's few, the
-        prefill and decode attention, the sampler) has run once, with its libraries'
-        one-time set-up behind it. A prefill of WARMUP_PREFILL_TOKENS takes the same paths
-        as one of the largest allowed; on a CPU the largest would only cost start-up time
-        (minutes at 4,000 tokens), and there is no device memory whose limit it would find.
+        The cache's size is arithmetic (the budget over a block's bytes). The steps are
+        there so that the first request runs as fast as the second: they go through
+        `prefill` and `decode` as a request's steps do, so every path a step can take (the
+        products of a prefill's many tokens and of a decode step's few, the prefill and
+        decode attention, the sampler, the replies' protobufs) has run once, with its
+        libraries' one-time set-up behind it. A prefill of WARMUP_PREFILL_TOKENS takes the
+        same paths as one of the largest allowed; on a CPU the largest would only cost
+        start-up time (minutes at 4,000 tokens), and there is no device memory whose limit
+        it would find.
         """
         check_warmup(request, self.runner.config.max_position_embeddings)
         block_size = self.config.block_size
@@ -119,9 +121,10 @@ class Shard:
             )
         self.batches.clear()
         self.runner.allocate_kv_cache(num_blocks)
-        prefill = _warmup_prefill(request, num_blocks, block_size, WARMUP_PREFILL_TOKENS)
-        self.runner.forward(prefill)
-        self.runner.forward(_warmup_decode(request, len(prefill), num_blocks, block_size))
+        batch = _warmup_batch(request, num_blocks, block_size, WARMUP_PREFILL_TOKENS)
+        prefilled = self.prefill(batch)
+        self.decode([prefilled.batch])
+        self.clear_cache(None)
         return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=block_size)
 
     # -- Prefill ------------------------------------------------------------
@@ -352,35 +355,28 @@ def _prefill_tokens(prompt: list[int], logits: torch.Tensor, cache_len: int) -> 
     return generate_pb2.Tokens(ids=prompt, logprobs=[math.nan] * (cache_len + 1) + values)
 
 
-def _warmup_prefill(
+def _warmup_batch(
     request: generate_pb2.WarmupRequest, num_blocks: int, block_size: int, limit: int
-) -> list[SequenceInput]:
-    """min(max_prefill_tokens, limit) tokens in sequences of at most max_input_tokens, on
-    scratch blocks."""
+) -> generate_pb2.Batch:
+    """Greedy requests of min(max_prefill_tokens, limit) prompt tokens in all, each at most
+    max_input_tokens and one more to generate, on blocks 1 and up (block 0 is the router's
+    health-probe block; the cache holds one sequence of max_total_tokens at least)."""
     total = min(request.max_prefill_tokens or request.max_input_tokens, limit)
     longest = min(request.max_input_tokens, total)
     lengths = [longest] * (total // longest)
     lengths += [total % longest] if total % longest else []
-    sequences, next_block = [], 0
-    for length in lengths:
-        table = [(next_block + j) % num_blocks for j in range(math.ceil(length / block_size))]
-        next_block += len(table)
-        slots = [table[p // block_size] * block_size + p % block_size for p in range(length)]
-        sequences.append(SequenceInput([0] * length, 0, slots, table))
-    return sequences
-
-
-def _warmup_decode(
-    request: generate_pb2.WarmupRequest, num_prefill: int, num_blocks: int, block_size: int
-) -> list[SequenceInput]:
-    """A decode step of the warm-up's prefill count (max_batch_size at most), the
-    sequences sharing the cache evenly."""
-    batch_size = min(request.max_batch_size or num_prefill, num_prefill, num_blocks)
-    blocks_each = min(math.ceil(request.max_total_tokens / block_size), num_blocks // batch_size)
-    sequences = []
-    for i in range(batch_size):
-        table = [i * blocks_each + j for j in range(blocks_each)]
-        position = min(request.max_total_tokens, blocks_each * block_size) - 1
-        slot = table[position // block_size] * block_size + position % block_size
-        sequences.append(SequenceInput([0], position, [slot], table))
-    return sequences
+    requests, next_block = [], 1
+    for i, length in enumerate(lengths):
+        count = math.ceil((length + 1) / block_size)
+        blocks = [1 + (next_block - 1 + j) % (num_blocks - 1) for j in range(count)]
+        next_block += count
+        requests.append(
+            generate_pb2.Request(
+                id=i,
+                input_ids=[0] * length,
+                parameters=generate_pb2.SamplingParameters(),  # greedy
+                blocks=blocks,
+                max_new_tokens=1,
+            )
+        )
+    return generate_pb2.Batch(id=0, requests=requests)

@@ -32,6 +32,15 @@
 #define HAVE_AVX2 1
 #endif
 
+#if defined(HAVE_AVX2) || defined(HAVE_AVX512)
+/* The sum of the 8 lanes of v. */
+static inline float sum8(__m256 v) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 two = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+#endif
+
 #define TOKEN_TILE 4
 
 #if !defined(HAVE_AVX512) && !defined(HAVE_AVX2) /* portable: a row at a time via a buffer */
@@ -214,12 +223,6 @@ static inline void dequantize_block8(const uint8_t *block, int type, __m256 w[4]
     }
 }
 
-static inline float sum8(__m256 v) {
-    const __m128 pairs = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 two = _mm_add_ps(pairs, _mm_movehl_ps(pairs, pairs));
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-}
-
 /* Row r of W against `count` (<= AVX2_TILE) tokens of xf: out[t * out_stride + r].
  * NOTE: one token needs four independent FMA chains to hide the FMA latency (four
  * accumulators); with more tokens, two per token keep the 16 registers enough. */
@@ -301,20 +304,15 @@ void KERNEL(gguf_linear)(const GgufLinearArgs *a, int64_t begin, int64_t end) {
  * multiplied with the token's 32 int8 values in integers (vpmaddubsw, vpmaddwd; exact),
  * then scaled by d_w d_x; Q4_1's and Q4_0's offset m (Q4_0: -8 d) adds m s_x, s_x = d_x
  * sum q. The weights are read straight from the blocks, at 4.5 to 8.5 bits each. */
-/* Block `b` of a row against a token's int8 values `x`: sum_k u q as 8 int32 partial
- * sums, as floats; its weight scale into *d and its offset term m s_x into *offset. */
 #if defined(HAVE_AVX2) || defined(HAVE_AVX512)
-static inline __m256 block_dot(const uint8_t *block, int type, const int8_t *x, float s_x,
-                               float *d, float *offset) {
-    uint16_t raw;
-    memcpy(&raw, block, 2);
-    *d = _cvtsh_ss(raw);
-    const __m256i q = _mm256_loadu_si256((const __m256i *)x);
+/* Block `b` of a row against a token's int8 values `x`: sum_k u q as 8 int32 partial sums,
+ * as floats. */
+static inline __attribute__((always_inline)) __m256 block_sums(const uint8_t *block,
+                                                               const int type, __m256i q) {
     __m256i pairs;
     if (type == TYPE_Q8_0) {
         const __m256i w = _mm256_loadu_si256((const __m256i *)(block + 2));
         pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
-        *offset = 0.0f;
     } else {
         const __m128i low = _mm_set1_epi8(15);
         const __m128i packed =
@@ -322,51 +320,66 @@ static inline __m256 block_dot(const uint8_t *block, int type, const int8_t *x, 
         const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low),
                                            _mm_and_si128(packed, low));
         pairs = _mm256_maddubs_epi16(u, q); /* u <= 15: no pair saturates */
-        float m = -8.0f * *d;
-        if (type == TYPE_Q4_1) {
-            memcpy(&raw, block + 2, 2);
-            m = _cvtsh_ss(raw);
-        }
-        *offset = m * s_x;
     }
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+
+/* An f16 field of a block as float32, through the table of every f16 value. */
+static inline float half_at(const uint8_t *p, const float *half_table) {
+    uint16_t raw;
+    memcpy(&raw, p, 2);
+    return half_table[raw];
+}
+
+/* Rows r and r + 1 of W (`second`: whether r + 1 is one) against one token: the token's
+ * block values are loaded once for both, whose sums are independent FMA chains; the
+ * offset terms m s_x are summed apart. A constant `type` per copy: no branch per block. */
+static inline __attribute__((always_inline)) void row_pair_int8(
+    const GgufLinearArgs *a, const int type, int64_t r, int second, int64_t t) {
+    const int64_t k = a->k, blocks = k / BLOCK, stride = block_bytes(type);
+    const uint8_t *row0 = a->weight + r * blocks * stride;
+    const uint8_t *row1 = second ? row0 + blocks * stride : row0;
+    const int8_t *q = a->q + t * k;
+    const float *d_x = a->d_x + t * blocks, *s_x = a->s_x + t * blocks;
+    const float *table = a->half_table;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float offsets0 = 0.0f, offsets1 = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *block0 = row0 + b * stride, *block1 = row1 + b * stride;
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(q + b * BLOCK));
+        const float dx = d_x[b];
+        const float d0 = half_at(block0, table), d1 = half_at(block1, table);
+        acc0 = _mm256_fmadd_ps(block_sums(block0, type, x), _mm256_set1_ps(d0 * dx), acc0);
+        acc1 = _mm256_fmadd_ps(block_sums(block1, type, x), _mm256_set1_ps(d1 * dx), acc1);
+        if (type == TYPE_Q4_1) {
+            offsets0 += half_at(block0 + 2, table) * s_x[b];
+            offsets1 += half_at(block1 + 2, table) * s_x[b];
+        } else if (type == TYPE_Q4_0) {
+            offsets0 += -8.0f * d0 * s_x[b];
+            offsets1 += -8.0f * d1 * s_x[b];
+        }
+    }
+    a->y[t * a->y_stride + r] = sum8(acc0) + offsets0;
+    if (second) a->y[t * a->y_stride + r + 1] = sum8(acc1) + offsets1;
+}
 #endif
 
+/* y = x W^T for small steps with x rounded to int8 per 32 features (llama.cpp's vector
+ * dot of Q4_0 / Q4_1 / Q8_0 blocks with Q8 activations): each block's 32 weights are
+ * read as bytes (nibbles unpacked, 0..15; Q8_0's signed bytes by the sign trick) and
+ * multiplied with the token's 32 int8 values in integers (vpmaddubsw, vpmaddwd; exact),
+ * then scaled by d_w d_x; Q4_1's and Q4_0's offset m (Q4_0: -8 d) adds m s_x, s_x = d_x
+ * sum q. The weights are read straight from the blocks, at 4.5 to 8.5 bits each. */
 void KERNEL(gguf_linear_int8)(const GgufLinearArgs *a, int64_t begin, int64_t end) {
 #if defined(HAVE_AVX2) || defined(HAVE_AVX512)
-    const int64_t m = a->m, k = a->k, blocks = k / BLOCK, stride = block_bytes(a->type);
-    for (int64_t r = begin; r < end; r++) {
-        const uint8_t *row = a->weight + r * blocks * stride;
-        for (int64_t t = 0; t < m; t++) {
-            const int8_t *q = a->q + t * k;
-            const float *d_x = a->d_x + t * blocks, *s_x = a->s_x + t * blocks;
-            /* two of each accumulator, even and odd blocks: independent FMA chains */
-            __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-            float even_offsets = 0.0f, odd_offsets = 0.0f, d, offset;
-            int64_t b = 0;
-            for (; b + 2 <= blocks; b += 2) {
-                __m256 sums = block_dot(row + b * stride, a->type, q + b * BLOCK, s_x[b], &d,
-                                        &offset);
-                even = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * d_x[b]), even);
-                even_offsets += offset;
-                sums = block_dot(row + (b + 1) * stride, a->type, q + (b + 1) * BLOCK, s_x[b + 1],
-                                 &d, &offset);
-                odd = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * d_x[b + 1]), odd);
-                odd_offsets += offset;
+    for (int64_t r = begin; r < end; r += 2) {
+        const int second = r + 1 < end;
+        for (int64_t t = 0; t < a->m; t++) {
+            switch (a->type) {
+                case TYPE_Q4_1: row_pair_int8(a, TYPE_Q4_1, r, second, t); break;
+                case TYPE_Q4_0: row_pair_int8(a, TYPE_Q4_0, r, second, t); break;
+                default: row_pair_int8(a, TYPE_Q8_0, r, second, t); break;
             }
-            if (b < blocks) {
-                const __m256 sums = block_dot(row + b * stride, a->type, q + b * BLOCK, s_x[b], &d,
-                                              &offset);
-                even = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * d_x[b]), even);
-                even_offsets += offset;
-            }
-            const float offsets[2] = {even_offsets, odd_offsets};
-            const __m256 sum = _mm256_add_ps(even, odd);
-            const __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-            const __m128 two = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            a->y[t * a->y_stride + r] =
-                _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two))) + offsets[0] + offsets[1];
         }
     }
 #else

@@ -78,6 +78,7 @@ typedef struct {
     int64_t y_stride;
     const int8_t *q;
     const float *d_x, *s_x;
+    const float *half_table; /* float32 of every f16 bit pattern (int8 path) */
 } GgufLinearArgs;
 
 /* y = x W^T with x rounded to int8 per 32 features and W packed by int8_pack

@@ -425,6 +425,17 @@ int64_t check_blocks(const at::Tensor& blocks, int64_t type) {
   return blocks.size(1) / bytes * 32;
 }
 
+// float32 of every f16 bit pattern: a block's scales in one load each (the int8 products).
+const float* half_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> values(65536);
+    for (uint32_t bits = 0; bits < 65536; bits++)
+      values[bits] = static_cast<float>(c10::Half(static_cast<uint16_t>(bits), c10::Half::from_bits()));
+    return values;
+  }();
+  return table.data();
+}
+
 // Rows x [m, k] (contiguous rows) as contiguous float32: x itself where it is that, else
 // widened here (a few rows: a loop, not a torch op and its dispatch).
 at::Tensor float_rows(const at::Tensor& x) {
@@ -509,8 +520,17 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t gg
   if (m > 0 && n > 0) {
     const at::Tensor xf = int8 == nullptr ? float_rows(x) : at::Tensor();
     GgufLinearArgs args{int8 == nullptr ? xf.data_ptr<float>() : nullptr,
-                        blocks.data_ptr<uint8_t>(), static_cast<int>(ggml_type), m, n, k,
-                        y.data_ptr<float>(), n, nullptr, nullptr, nullptr};
+                        blocks.data_ptr<uint8_t>(),
+                        static_cast<int>(ggml_type),
+                        m,
+                        n,
+                        k,
+                        y.data_ptr<float>(),
+                        n,
+                        nullptr,
+                        nullptr,
+                        nullptr,
+                        half_table()};
     if (int8 != nullptr) std::tie(args.q, args.d_x, args.s_x) = quantized_rows(*int8, x, 0);
     const Build& build = int8 != nullptr ? *int8 : selected();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
