@@ -51,8 +51,9 @@ def test_gated_product_is_the_silu_pass_over_the_product(dtype, int8, isa):
     torch.manual_seed(4)
     blocks = make_blocks(torch.randn(96, 64), "Q4_1")  # 48 gate rows, then 48 up rows
     x = (torch.randn(3, 64) * 2).to(dtype)
-    plain = gguf.gguf_linear(x, blocks, int8)
-    gated = gguf.gguf_linear(x, blocks, int8, gated=True)
+    weight = gguf.pack_int8(blocks) if int8 else None
+    plain = gguf.gguf_linear(x, blocks, weight)
+    gated = gguf.gguf_linear(x, blocks, weight, gated=True)
     assert gated.shape == (3, 48) and gated.dtype == dtype
     assert torch.equal(gated, kernels.silu_and_mul(plain))
 

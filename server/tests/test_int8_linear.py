@@ -86,15 +86,23 @@ def test_float32_activations_round_only_to_int8(kind, num_tokens, shape, int8_is
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("num_tokens", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_steps_read_the_blocks_with_int8_activations(kind, num_tokens, dtype, int8_isa):
-    """Steps of up to 4 tokens: the GGUF blocks themselves, each dotted in integers."""
+@pytest.mark.parametrize("in_features", [576, 288])  # 18 blocks; 9 (an odd pair, a tail)
+@pytest.mark.parametrize("path", ["packed rows", "blocks"])
+def test_small_steps_with_int8_activations(kind, num_tokens, dtype, in_features, path, int8_isa):
+    """Steps of up to 4 tokens: gemv's packed rows of 4-bit blocks (Q8_0 has none), or
+    the GGUF blocks themselves, each block dotted in integers."""
     torch.manual_seed(num_tokens)
-    blocks = make_blocks(torch.randn(48, 576) * 0.1, kind)
-    x = (torch.randn(num_tokens, 576) * 2).to(dtype)
-    out = gguf.gguf_linear(x, blocks, int8=True)
+    blocks = make_blocks(torch.randn(48, in_features) * 0.1, kind)
+    x = (torch.randn(num_tokens, in_features) * 2).to(dtype)
+    weight = gguf.pack_int8(blocks)
+    assert (weight.rows is not None) == (kind != "Q8_0")
+    if path == "blocks":
+        out = kernels.gguf_linear(x, blocks.data, kind, int8_activations=True)
+    else:
+        out = gguf.gguf_linear(x, blocks, weight)
     assert out.dtype == dtype and out.shape == (num_tokens, 48)
     expected = _rounded(x) @ dequantized(blocks).double().T
-    bound = _float32_bound(x, gguf.pack_int8(blocks))  # the same terms, summed otherwise
+    bound = _float32_bound(x, weight)  # the same terms, summed otherwise
     if dtype == torch.bfloat16:  # and rounded once to bf16
         bound = bound + expected.abs() * 2**-8
     assert ((out.double() - expected).abs() <= bound).all()

@@ -113,6 +113,7 @@ def _cases() -> dict[str, tuple]:
         ),
         "gguf_linear": (torch.randn(3, 64), blocks.data, kernels.GGML_TYPE_IDS["Q4_1"]),
         "int8_pack": (blocks.data, kernels.GGML_TYPE_IDS["Q4_1"]),
+        "gemv_pack": (blocks.data, kernels.GGML_TYPE_IDS["Q4_1"]),
         "rms_norm": (torch.randn(3, 16), torch.rand(16), 1e-5),
         "add_rms_norm": (torch.randn(3, 16), torch.randn(3, 16), torch.rand(16), 1e-5),
         "rotary_": (
@@ -133,6 +134,24 @@ def test_schemas_and_fake_tensors_agree_with_the_operators(name):
     assert kernels.available()
     op = getattr(torch.ops.textgen, name).default
     torch.library.opcheck(op, _cases()[name], test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_int8_operators_schemas_and_fake_tensors():
+    if kernels.int8_isa() is None:
+        pytest.skip("no int8 product on this CPU")
+    torch.manual_seed(1)
+    blocks = make_blocks(torch.randn(32, 64), "Q4_1")
+    values, scales, offsets = kernels.int8_pack(blocks.data, "Q4_1")
+    rows = kernels.gemv_pack(blocks.data, "Q4_1")
+    x = torch.randn(3, 64)
+    cases = {
+        "int8_linear": (torch.randn(9, 64), values, scales, offsets, 3, True),
+        "gemv_int8": (x, rows, 64, False),
+        "gguf_linear": (x, blocks.data, 3, True, True),
+    }
+    for name, args in cases.items():
+        op = getattr(torch.ops.textgen, name).default
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize(

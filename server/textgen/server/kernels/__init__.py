@@ -130,6 +130,19 @@ def int8_pack(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tens
     return torch.ops.textgen.int8_pack(blocks, GGML_TYPE_IDS[kind])
 
 
+def gemv_pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """Q4_0 / Q4_1 blocks [out, in / 32 * block bytes] as gemv_int8's rows (uint8)."""
+    return torch.ops.textgen.gemv_pack(blocks, GGML_TYPE_IDS[kind])
+
+
+def gemv_int8(
+    x: torch.Tensor, rows: torch.Tensor, in_features: int, gated: bool = False
+) -> torch.Tensor:
+    """x [T, in] (a few tokens) rounded to int8 per 32 features, times `gemv_pack`ed rows:
+    [T, out], x's dtype; `gated` as for `gguf_linear`."""
+    return torch.ops.textgen.gemv_int8(x, rows, in_features, gated)
+
+
 def int8_linear(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -203,6 +216,17 @@ def _register_fakes() -> None:
         n, k = blocks.shape[0], blocks.shape[1] // block_bytes * 32
         scales = blocks.new_empty(n, k // 32, dtype=torch.float32)
         return blocks.new_empty(n, k), scales, scales.new_empty(scales.shape)
+
+    @fake("gemv_pack")
+    def _(blocks, ggml_type):
+        block_bytes = {2: 18, 3: 20}[ggml_type]
+        blocks_per_row = blocks.shape[1] // block_bytes
+        row_bytes = (blocks_per_row + 1) // 2 * 32 + 4 * (-(-blocks_per_row // 8) * 8)
+        return blocks.new_empty(blocks.shape[0], row_bytes)
+
+    @fake("gemv_int8")
+    def _(x, rows, in_features, gated=False):
+        return x.new_empty(x.shape[0], rows.shape[0] // 2 if gated else rows.shape[0])
 
     @fake("int8_linear")
     def _(x, values, scales, offsets, ggml_type, gated=False):

@@ -38,7 +38,7 @@ class GatedActivation(nn.Module):
         if not self.native or gate_up_proj.bias is not None:  # SiLU, the kernels' arithmetic
             return self(gate_up_proj(x))
         if gguf.applies(x, blocks):  # a small step: the same bits, one call
-            return gguf.gguf_linear(x, blocks, weight is not None, gated=True)
+            return gguf.gguf_linear(x, blocks, weight, gated=True)
         if gguf.applies_int8(x, weight) and weight.out_features % 32 == 0:
             # whole 16-feature tiles in each half: the same bits, the [T, 2I] product unwritten
             return gguf.int8_linear(x, weight, gated=True)

@@ -69,7 +69,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if gguf.applies(hidden, self.blocks):
-            logits = gguf.gguf_linear(hidden, self.blocks, self.int8 is not None)  # [N, V_local]
+            logits = gguf.gguf_linear(hidden, self.blocks, self.int8)  # [N, V_local]
         elif gguf.applies_int8(hidden, self.int8):
             logits = gguf.int8_linear(hidden, self.int8)  # [N, V_local]
         elif self.packed is not None:

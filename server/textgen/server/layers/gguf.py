@@ -47,26 +47,31 @@ def applies(x: torch.Tensor, blocks: GGUFBlocks | None) -> bool:
 
 
 def gguf_linear(
-    x: torch.Tensor, blocks: GGUFBlocks, int8: bool = False, gated: bool = False
+    x: torch.Tensor, blocks: GGUFBlocks, int8: Int8Weight | None = None, gated: bool = False
 ) -> torch.Tensor:
     """x [T, in] @ W^T with W given as blocks: [T, out], x's dtype.
 
-    `int8`: x rounded to int8 per 32 features (the layer runs on int8 activations).
+    `int8`: the layer's int8 weight when it runs on int8 activations; x is then rounded to
+    int8 per 32 features, and its 4-bit weights read as `kernels.gemv_int8` lays them out.
     `gated`: W is a fused gate/up projection; [T, out / 2], silu(gate) * up.
     """
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return kernels.gguf_linear(x, blocks.data, blocks.kind, int8, gated)
+    if int8 is not None and int8.rows is not None:
+        return kernels.gemv_int8(x, int8.rows, int8.in_features, gated)
+    return kernels.gguf_linear(x, blocks.data, blocks.kind, int8 is not None, gated)
 
 
 @dataclass(frozen=True)
 class Int8Weight:
-    """GGUF blocks re-laid for `int8_linear` (kernels.int8_pack): u8 values [N, K] in the
-    kernel's tile order, and each block's scale and offset [N, K / 32] float32."""
+    """GGUF blocks re-laid for the int8 products: for `int8_linear` (kernels.int8_pack) u8
+    values [N, K] in the kernel's tile order and each block's scale and offset [N, K / 32]
+    float32; for small steps of 4-bit blocks, `kernels.gemv_pack`'s rows."""
 
     values: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor
     kind: str  # the GGUF type the blocks came from
+    rows: torch.Tensor | None = None  # Q4_0 / Q4_1 only
 
     @property
     def out_features(self) -> int:
@@ -81,7 +86,9 @@ def pack_int8(blocks: GGUFBlocks | None) -> Int8Weight | None:
     """`blocks` in the int8 kernel's layout; None where the shape does not fit it."""
     if blocks is None or blocks.data.shape[0] % 16:
         return None
-    return Int8Weight(*kernels.int8_pack(blocks.data.contiguous(), blocks.kind), blocks.kind)
+    data = blocks.data.contiguous()
+    rows = kernels.gemv_pack(data, blocks.kind) if blocks.kind in ("Q4_0", "Q4_1") else None
+    return Int8Weight(*kernels.int8_pack(data, blocks.kind), blocks.kind, rows)
 
 
 def use_int8_activations(model: nn.Module) -> int:

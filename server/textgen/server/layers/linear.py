@@ -68,7 +68,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gguf.applies(x, self.blocks):
-            out = gguf.gguf_linear(x, self.blocks, self.int8 is not None)  # [T, out_local]
+            out = gguf.gguf_linear(x, self.blocks, self.int8)  # [T, out_local]
             return out if self.bias is None else out + self.bias
         if gguf.applies_int8(x, self.int8):
             out = gguf.int8_linear(x, self.int8)  # [T, out_local]
@@ -112,7 +112,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gguf.applies(x, self.blocks):
-            partial = gguf.gguf_linear(x, self.blocks, self.int8 is not None)  # [T, out]
+            partial = gguf.gguf_linear(x, self.blocks, self.int8)  # [T, out]
         elif gguf.applies_int8(x, self.int8):
             partial = gguf.int8_linear(x, self.int8)  # [T, out]
         elif self.packed is not None:

@@ -3,6 +3,7 @@
 #ifndef TEXTGEN_GGUF_BLOCKS_H
 #define TEXTGEN_GGUF_BLOCKS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -32,6 +33,23 @@ static inline float half_to_float(uint16_t h) {
     float out;
     memcpy(&out, &bits, sizeof out);
     return out;
+}
+
+/* f16 of a float32, rounded to nearest even (only exact values are packed here: the
+ * rounding never matters, but infinities and the subnormal range are kept right). */
+static inline uint16_t float_to_half(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000);
+    const uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude >= 0x47800000u) /* >= 65536, or inf / nan */
+        return sign | (magnitude > 0x7f800000u ? 0x7e00 : 0x7c00);
+    if (magnitude < 0x38800000u) { /* below f16's smallest normal: subnormal or zero */
+        const float scaled = (magnitude == 0 ? 0.0f : f < 0 ? -f : f) * 16777216.0f;
+        return sign | (uint16_t)nearbyintf(scaled); /* units of 2^-24 */
+    }
+    const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+    return sign | (uint16_t)((rounded - 0x38000000u) >> 13);
 }
 
 static inline int64_t block_bytes(int type) {

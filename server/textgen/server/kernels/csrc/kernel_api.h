@@ -81,6 +81,32 @@ typedef struct {
     const float *half_table; /* float32 of every f16 bit pattern (int8 path) */
 } GgufLinearArgs;
 
+/* y = x W^T for steps of a few tokens, x rounded to int8 per 32 features and a 4-bit W
+ * (Q4_0, Q4_1) packed by gemv_pack, a row at a time (gguf_linear.c):
+ *   rows  [n, gemv_row_bytes(k)]: per row, kp = ceil(kb / 2) pairs of blocks' 16 nibble
+ *         bytes side by side (32 bytes a pair; a missing second block zeros), then kb8 =
+ *         kb rounded up to 8 f16 scales d and kb8 f16 offsets m (w = d u + m, u the
+ *         nibble; Q4_0's m = -8 d), zeros past kb
+ *   x2    [m, kp, 2, 32] int8: per pair, the low halves of its two blocks' values, then
+ *         the high halves (the nibbles' order)
+ *   dx2   [m, kp, 8] float32: each pair's two activation scales, four times each
+ *   s_x   [m, kb8] float32: d_x sum q per block, zeros past kb
+ *   y     [m, y_stride] float32 */
+#define GEMV_GROUP 8 /* blocks whose scales load as one vector */
+static inline int64_t gemv_row_bytes(int64_t k) {
+    const int64_t kb = k / 32, kb8 = (kb + GEMV_GROUP - 1) / GEMV_GROUP * GEMV_GROUP;
+    return (kb + 1) / 2 * 32 + 4 * kb8;
+}
+
+typedef struct {
+    const uint8_t *rows;
+    int64_t m, n, k;
+    const int8_t *x2;
+    const float *dx2, *s_x;
+    float *y;
+    int64_t y_stride;
+} GemvArgs;
+
 /* y = x W^T with x rounded to int8 per 32 features and W packed by int8_pack
  * (int8_linear.c):
  *   x      [m, k] of `x_kind`, rows x_stride elements apart
@@ -165,6 +191,10 @@ void KERNEL(kv_store_int8)(const KvStoreArgs *args, int64_t begin, int64_t end);
 void KERNEL(gguf_linear)(const GgufLinearArgs *args, int64_t begin, int64_t end);
 /* The same from int8 activations (args->q); only where int8_available. */
 void KERNEL(gguf_linear_int8)(const GgufLinearArgs *args, int64_t begin, int64_t end);
+/* GGUF Q4_0 / Q4_1 blocks [n, k / 32] into gemv's rows [n, gemv_row_bytes(k)]. */
+void KERNEL(gemv_pack)(const uint8_t *blocks, int type, int64_t n, int64_t k, uint8_t *rows);
+/* Rows [begin, end) of every token (only where int8_available). */
+void KERNEL(gemv_int8)(const GemvArgs *args, int64_t begin, int64_t end);
 /* 1 when this build multiplies in int8 (its int8_quantize and int8_tiles do work). */
 int KERNEL(int8_available)(void);
 /* GGUF blocks [n, k / 32] of `type` into the packed layout; n % 16 == 0, k % 32 == 0. */

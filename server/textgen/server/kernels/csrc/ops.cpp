@@ -52,6 +52,8 @@ struct Build {
   void (*kv_store_int8)(const KvStoreArgs*, int64_t, int64_t);
   void (*gguf_linear)(const GgufLinearArgs*, int64_t, int64_t);
   void (*gguf_linear_int8)(const GgufLinearArgs*, int64_t, int64_t);
+  void (*gemv_pack)(const uint8_t*, int, int64_t, int64_t, uint8_t*);
+  void (*gemv_int8)(const GemvArgs*, int64_t, int64_t);
   int (*int8_available)();
   void (*int8_pack)(const uint8_t*, int, int64_t, int64_t, uint8_t*, float*, float*);
   void (*int8_quantize)(const Int8LinearArgs*, int64_t, int64_t);
@@ -86,7 +88,8 @@ bool has_avx512_bf16() {
 #define TEXTGEN_BUILD(isa, check)                                                             \
   Build {                                                                                     \
     #isa, check, textgen_paged_decode_##isa, textgen_kv_store_int8_##isa,                     \
-        textgen_gguf_linear_##isa, textgen_gguf_linear_int8_##isa,                            \
+        textgen_gguf_linear_##isa, textgen_gguf_linear_int8_##isa, textgen_gemv_pack_##isa,   \
+        textgen_gemv_int8_##isa,                                                              \
         textgen_int8_available_##isa, textgen_int8_pack_##isa,                                \
         textgen_int8_quantize_##isa, textgen_int8_tiles_##isa, textgen_rms_norm_##isa,        \
         textgen_rotary_##isa, textgen_silu_mul_##isa, textgen_row_stats_##isa                 \
@@ -547,6 +550,54 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t gg
   return rounded;
 }
 
+at::Tensor gemv_pack(const at::Tensor& blocks, int64_t ggml_type) {
+  const int64_t k = check_blocks(blocks, ggml_type);
+  TORCH_CHECK_VALUE(ggml_type == 2 || ggml_type == 3, "gemv packs Q4_0 (2) and Q4_1 (3) blocks");
+  at::Tensor rows = at::empty({blocks.size(0), gemv_row_bytes(k)}, blocks.options());
+  // NOTE: one layout for every level: any build's pack serves.
+  kBuilds[0].gemv_pack(blocks.data_ptr<uint8_t>(), static_cast<int>(ggml_type), blocks.size(0),
+                       k, rows.data_ptr<uint8_t>());
+  return rows;
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& rows, int64_t in_features,
+                     bool gated) {
+  const Build* build = int8_build();
+  TORCH_CHECK(build != nullptr, "no int8 product on this CPU's kernel builds");
+  kind_of(x, "x");
+  check_rows(x, "x");
+  check_contiguous(rows, "rows", at::kByte, 2);
+  const int64_t k = in_features, m = x.size(0), n = rows.size(0);
+  TORCH_CHECK_VALUE(k > 0 && k % 32 == 0 && x.size(1) == k, "x has ", x.size(1),
+                    " features, the rows ", k);
+  TORCH_CHECK_VALUE(rows.size(1) == gemv_row_bytes(k), "rows of ", rows.size(1),
+                    " bytes are not gemv_pack's for ", k, " features");
+  TORCH_CHECK_VALUE(!gated || n % 2 == 0, "a gated product needs gate and up halves");
+  const int64_t kb = k / 32, kp = (kb + 1) / 2, kb8 = (kb + 7) / 8 * 8;
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (m > 0 && n > 0) {
+    const auto [q, d_x, s_x] = quantized_rows(*build, x, 0);
+    // The activations in the rows' order: per pair of blocks, the low halves, then the high.
+    std::vector<int8_t> x2(m * kp * 64, 0);
+    std::vector<float> dx2(m * kp * 8, 0.0f), sums(m * kb8, 0.0f);
+    for (int64_t t = 0; t < m; t++)
+      for (int64_t b = 0; b < kb; b++) {
+        int8_t* pair = x2.data() + (t * kp + b / 2) * 64 + (b % 2) * 16;
+        std::memcpy(pair, q + t * k + b * 32, 16);
+        std::memcpy(pair + 32, q + t * k + b * 32 + 16, 16);
+        std::fill_n(dx2.data() + (t * kp + b / 2) * 8 + (b % 2) * 4, 4, d_x[t * kb + b]);
+        sums[t * kb8 + b] = s_x[t * kb + b];
+      }
+    const GemvArgs args{rows.data_ptr<uint8_t>(), m, n, k, x2.data(), dx2.data(),
+                        sums.data(), y.data_ptr<float>(), n};
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      build->gemv_int8(&args, begin, end);
+    });
+  }
+  if (gated) return gated_rows(selected(), y, x.scalar_type());
+  return x.scalar_type() == at::kFloat ? y : y.to(at::kBFloat16);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_pack(const at::Tensor& blocks,
                                                          int64_t ggml_type) {
   const int64_t k = check_blocks(blocks, ggml_type);
@@ -718,6 +769,8 @@ TORCH_LIBRARY(textgen, m) {
       "kv_store(Tensor k, Tensor v, Tensor slots, Tensor(a!) key_cache, Tensor(b!) value_cache) "
       "-> ()");
   m.def("int8_pack(Tensor blocks, int ggml_type) -> (Tensor, Tensor, Tensor)");
+  m.def("gemv_pack(Tensor blocks, int ggml_type) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor rows, int in_features, bool gated=False) -> Tensor");
   m.def(
       "int8_linear(Tensor x, Tensor values, Tensor scales, Tensor offsets, int ggml_type, "
       "bool gated=False) -> Tensor");
@@ -734,6 +787,8 @@ TORCH_LIBRARY_IMPL(textgen, CPU, m) {
   m.impl("kv_store", &kv_store);
   m.impl("gguf_linear", &gguf_linear);
   m.impl("int8_pack", &int8_pack);
+  m.impl("gemv_pack", &gemv_pack);
+  m.impl("gemv_int8", &gemv_int8);
   m.impl("int8_linear", &int8_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
