@@ -167,9 +167,9 @@ def apply_min_new_tokens(logits: torch.Tensor, requests: list[SamplingRequest]) 
 
 def apply_repetition_penalty(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
     """HF/TGI: divide positive logits of seen tokens by the penalty, multiply negative ones."""
+    if all(r.params.repetition_penalty == 1.0 for r in requests):
+        return logits  # NOTE: decided on the parameters: no tensor built at each step
     penalty = _column([r.params for r in requests], "repetition_penalty", logits)  # [B, 1]
-    if bool((penalty == 1.0).all()):
-        return logits
     seen = _token_counts(logits, [r.token_ids for r in requests]) > 0  # [B, V]
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
@@ -180,10 +180,10 @@ def apply_frequency_presence_penalties(
 ) -> torch.Tensor:
     """OpenAI: logit -= frequency * count + presence * (count > 0), over generated tokens."""
     params = [r.params for r in requests]
+    if all(p.frequency_penalty == 0 and p.presence_penalty == 0 for p in params):
+        return logits
     frequency = _column(params, "frequency_penalty", logits)  # [B, 1]
     presence = _column(params, "presence_penalty", logits)
-    if bool((frequency == 0).all() and (presence == 0).all()):
-        return logits
     counts = _token_counts(logits, [r.generated_ids for r in requests])  # [B, V]
     return logits - frequency * counts - presence * (counts > 0).float()
 
