@@ -3,9 +3,11 @@
 On a CPU with native bf16 that is bf16; without (AVX2 machines), float32 with a GGUF
 model's products on int8 activations. Either way what is served greedily is what one
 in-process shard on the same platform computes when given the same steps: the prompt's
-prefill, then one token per step. Every kernel on that path computes each output
-element on one thread, in an order that does not depend on the thread count, so the
-two agree to the bit and the tokens must be equal, with no tolerance.
+prefill, then one token per step. Both run the same kernels on the same shapes with the
+same thread count (torch's default: a single shard keeps it), and those kernels are
+deterministic (textgen's compute each output element on one thread; oneDNN's and MKL's
+repeat themselves for a given shape and thread count), so the two agree to the bit and
+the tokens must be equal, with no tolerance.
 """
 
 from __future__ import annotations
