@@ -270,7 +270,7 @@ def test_bf16_prefill_and_mixed_batches_attend_through_the_kernel_per_token(isa)
     ]
     assert meta.per_token.context_lens.tolist() == [length for _, length in rows]
     attention = CpuAttention(cpu_platform(dtype))
-    assert attention.native
+    assert attention.native_cpu
     out = attention.forward(q, k, v, LayerCache(key, value), meta)  # writes k, v first
     for row, (table, length) in enumerate(rows):
         expected = _reference(q[row], key, value, table, length)

@@ -77,6 +77,7 @@ class ModelRunner:
         if platform.int8_activations:
             count = gguf.use_int8_activations(model)
             logger.info("int8 activations: %d layers multiply GGUF blocks in int8", count)
+        model.prepare()
         return cls(model, config, block_size, platform, kv_cache_dtype)
 
     @property

@@ -97,6 +97,10 @@ class AttentionBackend(ABC):
     context, read through its block table.
     """
 
+    # The native CPU operators store and attend over the paged cache (then a model may run
+    # its small steps' decoder layers as one native call, `kernels.llama_small_step`).
+    native_cpu: bool = False
+
     @abstractmethod
     def forward(
         self,

@@ -24,7 +24,7 @@ from textgen.server.platform import Platform
 
 class CpuAttention(AttentionBackend):
     def __init__(self, platform: Platform) -> None:
-        self.native = platform.native_ops  # the native decode operator serves
+        self.native_cpu = platform.native_ops  # the native decode operator serves
 
     def forward(
         self,
@@ -37,7 +37,7 @@ class CpuAttention(AttentionBackend):
         cache.store(metadata.slots, k, v)
         if metadata.is_decode:
             return self._decode(q, cache, metadata)
-        if self.native:
+        if self.native_cpu:
             # Prefill and mixed batches as one decode batch of T single-token queries.
             return _native_decode(q, cache, metadata.per_token)
         num_decodes = metadata.num_leading_decodes
@@ -54,7 +54,7 @@ class CpuAttention(AttentionBackend):
 
     def _decode(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
         """Single-token queries: the native operator where it serves, else torch matmuls."""
-        if self.native:
+        if self.native_cpu:
             return _native_decode(q, cache, meta)
         return _decode(q, cache, meta)
 

@@ -188,6 +188,54 @@ def row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.textgen.row_stats(logits)
 
 
+def llama_small_step(
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    norms: list[torch.Tensor],
+    rows: list[torch.Tensor],
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
+    key_scales: list[torch.Tensor],
+    value_scales: list[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    intermediate: int,
+    eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama decoder stack over a step of a few tokens: (last mlp output, residual).
+
+    The same kernels, threads and order as the single operators the layers call (rms_norm,
+    gemv_int8 on int8 activations, rotary_, kv_store / kv_store_int8, paged_decode,
+    silu_and_mul), so the same bits, in one call: float32 hidden [T, H]; per layer two
+    norm weights (input, post-attention) and four `gemv_pack`ed products (qkv, o, gate/up,
+    down); each token's block table and context length; an int8 cache's scales, or none.
+    """
+    return torch.ops.textgen.llama_small_step(
+        hidden,
+        positions,
+        slots,
+        block_tables,
+        context_lens,
+        norms,
+        rows,
+        key_caches,
+        value_caches,
+        key_scales,
+        value_scales,
+        cos,
+        sin,
+        num_heads,
+        intermediate,
+        eps,
+        scale,
+    )
+
+
 def _register_fakes() -> None:
     """Output shapes of every operator, for torch's fake tensors (tracing, opcheck)."""
 
@@ -248,6 +296,10 @@ def _register_fakes() -> None:
     @fake("silu_and_mul")
     def _(x):
         return x.new_empty(x.shape[0], x.shape[1] // 2)
+
+    @fake("llama_small_step")
+    def _(hidden, positions, slots, block_tables, context_lens, *rest):
+        return hidden.new_empty(hidden.shape), hidden.new_empty(hidden.shape)
 
     @fake("row_stats")
     def _(logits):

@@ -20,6 +20,10 @@ class CausalLM(nn.Module, ABC):
     def load(cls, config, weights: Weights, attention: AttentionBackend) -> CausalLM:
         """Build the model from an HF config, reading this rank's weight slices."""
 
+    def prepare(self) -> None:
+        """Called once the weights are final (int8 weights packed): set up fast paths that
+        read them. Nothing by default."""
+
     @abstractmethod
     def kv_cache_spec(self, block_size: int) -> KVCacheSpec:
         """The shape of this shard's KV cache blocks."""

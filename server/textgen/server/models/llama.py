@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from textgen.server import kernels
 from textgen.server.attention import AttentionBackend, AttentionMetadata
 from textgen.server.kv_cache import KVCache, KVCacheSpec, LayerCache
 from textgen.server.layers import (
@@ -23,6 +24,7 @@ from textgen.server.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    gguf,
 )
 from textgen.server.layers.rotary import RopeConfig
 from textgen.server.models.causal_lm import CausalLM
@@ -170,6 +172,82 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(normed), residual  # [T, hidden] each
 
 
+@dataclass(frozen=True)
+class SmallStepWeights:
+    """What `kernels.llama_small_step` reads: the decoder stack as one native call.
+
+    Built where every layer's four products run on int8 activations against 4-bit rows
+    (`gguf.Int8Weight.rows`), in float32, on one shard, over the native paged attention.
+    """
+
+    norms: list[torch.Tensor]  # per layer: input, post-attention [hidden] float32
+    rows: list[torch.Tensor]  # per layer: qkv, o, gate/up, down, gemv_pack'ed
+    cos: torch.Tensor  # [positions, D] float32
+    sin: torch.Tensor
+    num_heads: int
+    intermediate: int
+    eps: float
+    scale: float
+
+    @classmethod
+    def of(cls, model: LlamaForCausalLM, attention: AttentionBackend) -> SmallStepWeights | None:
+        """The model's, when its small steps can run as one call; else None."""
+        first = model.layers[0]
+        rotary = first.self_attn.rotary
+        if not (attention.native_cpu and model.cache_dtype == torch.float32 and rotary.native):
+            return None
+        norms, rows = [], []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if not mlp.act.native or attn.o_proj.group.world_size > 1:
+                return None
+            if any(p.bias is not None or p.int8 is None or p.int8.rows is None for p in linears):
+                return None
+            norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            rows += [p.int8.rows for p in linears]
+        return cls(
+            norms=norms,
+            rows=rows,
+            cos=rotary.cos32,
+            sin=rotary.sin32,
+            num_heads=model.shape.num_heads,
+            intermediate=first.mlp.down_proj.int8.in_features,
+            eps=first.input_layernorm.eps,
+            scale=model.shape.head_dim**-0.5,
+        )
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers over hidden [T, H]: (last mlp output, residual)."""
+        per_token = metadata if metadata.is_decode else metadata.per_token
+        scales = [] if kv_cache.key_scales[0] is None else kv_cache.key_scales
+        return kernels.llama_small_step(
+            hidden,
+            positions,
+            metadata.slots.contiguous(),
+            per_token.block_tables,
+            per_token.context_lens.contiguous(),
+            self.norms,
+            self.rows,
+            kv_cache.key_caches,
+            kv_cache.value_caches,
+            scales,
+            [] if not scales else kv_cache.value_scales,
+            self.cos,
+            self.sin,
+            self.num_heads,
+            self.intermediate,
+            self.eps,
+            self.scale,
+        )
+
+
 class LlamaForCausalLM(CausalLM):
     def __init__(
         self, config, weights: Weights, attention: AttentionBackend, prefix: str = "model"
@@ -193,10 +271,15 @@ class LlamaForCausalLM(CausalLM):
         tied = getattr(config, "tie_word_embeddings", False)
         self.lm_head = ParallelLMHead.load(weights, "lm_head", self.embed_tokens, tied)
         self.cache_dtype = weights.dtype
+        self.attention = attention
+        self.small_step: SmallStepWeights | None = None  # set by `prepare`
 
     @classmethod
     def load(cls, config, weights: Weights, attention: AttentionBackend) -> LlamaForCausalLM:
         return cls(config, weights, attention).eval()
+
+    def prepare(self) -> None:
+        self.small_step = SmallStepWeights.of(self, self.attention)
 
     def kv_cache_spec(self, block_size: int) -> KVCacheSpec:
         return KVCacheSpec(
@@ -216,8 +299,11 @@ class LlamaForCausalLM(CausalLM):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, positions, kv_cache.layer(i), metadata)
+        if self.small_step is not None and hidden.shape[0] <= gguf.MAX_TOKENS:
+            hidden, residual = self.small_step.run(hidden, positions, kv_cache, metadata)
+        else:
+            for i, layer in enumerate(self.layers):
+                hidden, residual = layer(hidden, residual, positions, kv_cache.layer(i), metadata)
         # NOTE: the norm is per token, so only the wanted rows need it and the head.
         hidden, _ = self.norm.add_and_norm(hidden[logits_indices], residual[logits_indices])
         return self.lm_head(hidden).float()  # [N, V]

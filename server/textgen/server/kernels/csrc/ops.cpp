@@ -461,11 +461,13 @@ uint8_t* int8_scratch(size_t bytes) {
   return buffer.data();
 }
 
-// x's rows rounded to int8 per 32 features by `build` (int8_quantize) into the calling
-// thread's scratch, with `padding` rows of zeros after them: q, d_x, s_x.
-std::tuple<int8_t*, float*, float*> quantized_rows(const Build& build, const at::Tensor& x,
-                                                   int64_t padding) {
-  const int64_t m = x.size(0), k = x.size(1), kb = k / 32, rows = m + padding;
+// Rows x [m, k] (of `x_kind`, rows x_stride elements apart) rounded to int8 per 32
+// features by `build` (int8_quantize) into the calling thread's scratch, with `padding`
+// rows of zeros after them: q, d_x, s_x.
+std::tuple<int8_t*, float*, float*> quantized_rows(const Build& build, const void* x,
+                                                   int64_t x_stride, int x_kind, int64_t m,
+                                                   int64_t k, int64_t padding) {
+  const int64_t kb = k / 32, rows = m + padding;
   uint8_t* space = int8_scratch(rows * k + 2 * rows * kb * sizeof(float));
   int8_t* q = reinterpret_cast<int8_t*>(space);
   float* d_x = reinterpret_cast<float*>(space + rows * k);
@@ -476,9 +478,9 @@ std::tuple<int8_t*, float*, float*> quantized_rows(const Build& build, const at:
   std::memset(d_x + m * kb, 0, padding * kb * sizeof(float));
   std::memset(s_x + m * kb, 0, padding * kb * sizeof(float));
   Int8LinearArgs args{};
-  args.x = x.data_ptr();
-  args.x_stride = x.stride(0);
-  args.x_kind = x.scalar_type() == at::kFloat ? KIND_F32 : KIND_BF16;
+  args.x = x;
+  args.x_stride = x_stride;
+  args.x_kind = x_kind;
   args.m = m;
   args.k = k;
   args.q = q;
@@ -488,6 +490,13 @@ std::tuple<int8_t*, float*, float*> quantized_rows(const Build& build, const at:
     build.int8_quantize(&args, begin, end);
   });
   return {q, d_x, s_x};
+}
+
+std::tuple<int8_t*, float*, float*> quantized_rows(const Build& build, const at::Tensor& x,
+                                                   int64_t padding) {
+  return quantized_rows(build, x.data_ptr(), x.stride(0),
+                        x.scalar_type() == at::kFloat ? KIND_F32 : KIND_BF16, x.size(0),
+                        x.size(1), padding);
 }
 
 // silu(gate) * up of rows y [m, n] float32 (gate, then up), into a tensor of `dtype`:
@@ -560,11 +569,34 @@ at::Tensor gemv_pack(const at::Tensor& blocks, int64_t ggml_type) {
   return rows;
 }
 
+// y [m, n] float32 (contiguous) = x [m, k] (of `x_kind`, rows x_stride elements apart)
+// rounded to int8 per 32 features, times gemv_pack's rows [n, gemv_row_bytes(k)].
+void gemv_into(const Build& build, const void* x, int64_t x_stride, int x_kind, int64_t m,
+               int64_t k, const uint8_t* rows, int64_t n, float* y) {
+  const int64_t kb = k / 32, kp = (kb + 1) / 2, kb8 = (kb + 7) / 8 * 8;
+  const auto [q, d_x, s_x] = quantized_rows(build, x, x_stride, x_kind, m, k, 0);
+  // The activations in the rows' order: per pair of blocks, the low halves, then the high.
+  std::vector<int8_t> x2(m * kp * 64, 0);
+  std::vector<float> dx2(m * kp * 8, 0.0f), sums(m * kb8, 0.0f);
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t b = 0; b < kb; b++) {
+      int8_t* pair = x2.data() + (t * kp + b / 2) * 64 + (b % 2) * 16;
+      std::memcpy(pair, q + t * k + b * 32, 16);
+      std::memcpy(pair + 32, q + t * k + b * 32 + 16, 16);
+      std::fill_n(dx2.data() + (t * kp + b / 2) * 8 + (b % 2) * 4, 4, d_x[t * kb + b]);
+      sums[t * kb8 + b] = s_x[t * kb + b];
+    }
+  const GemvArgs args{rows, m, n, k, x2.data(), dx2.data(), sums.data(), y, n};
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    build.gemv_int8(&args, begin, end);
+  });
+}
+
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& rows, int64_t in_features,
                      bool gated) {
   const Build* build = int8_build();
   TORCH_CHECK(build != nullptr, "no int8 product on this CPU's kernel builds");
-  kind_of(x, "x");
+  const int kind = kind_of(x, "x");
   check_rows(x, "x");
   check_contiguous(rows, "rows", at::kByte, 2);
   const int64_t k = in_features, m = x.size(0), n = rows.size(0);
@@ -573,27 +605,10 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& rows, int64_t in_fea
   TORCH_CHECK_VALUE(rows.size(1) == gemv_row_bytes(k), "rows of ", rows.size(1),
                     " bytes are not gemv_pack's for ", k, " features");
   TORCH_CHECK_VALUE(!gated || n % 2 == 0, "a gated product needs gate and up halves");
-  const int64_t kb = k / 32, kp = (kb + 1) / 2, kb8 = (kb + 7) / 8 * 8;
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  if (m > 0 && n > 0) {
-    const auto [q, d_x, s_x] = quantized_rows(*build, x, 0);
-    // The activations in the rows' order: per pair of blocks, the low halves, then the high.
-    std::vector<int8_t> x2(m * kp * 64, 0);
-    std::vector<float> dx2(m * kp * 8, 0.0f), sums(m * kb8, 0.0f);
-    for (int64_t t = 0; t < m; t++)
-      for (int64_t b = 0; b < kb; b++) {
-        int8_t* pair = x2.data() + (t * kp + b / 2) * 64 + (b % 2) * 16;
-        std::memcpy(pair, q + t * k + b * 32, 16);
-        std::memcpy(pair + 32, q + t * k + b * 32 + 16, 16);
-        std::fill_n(dx2.data() + (t * kp + b / 2) * 8 + (b % 2) * 4, 4, d_x[t * kb + b]);
-        sums[t * kb8 + b] = s_x[t * kb + b];
-      }
-    const GemvArgs args{rows.data_ptr<uint8_t>(), m, n, k, x2.data(), dx2.data(),
-                        sums.data(), y.data_ptr<float>(), n};
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      build->gemv_int8(&args, begin, end);
-    });
-  }
+  if (m > 0 && n > 0)
+    gemv_into(*build, x.data_ptr(), x.stride(0), kind, m, k, rows.data_ptr<uint8_t>(), n,
+              y.data_ptr<float>());
   if (gated) return gated_rows(selected(), y, x.scalar_type());
   return x.scalar_type() == at::kFloat ? y : y.to(at::kBFloat16);
 }
@@ -748,6 +763,206 @@ std::tuple<at::Tensor, at::Tensor> row_stats(const at::Tensor& logits) {
   return {argmax, lse};
 }
 
+
+// -- a Llama decoder stack's small step ----------------------------------------------------
+
+// The decoder layers of a Llama-family model (RMSNorm, fused q/k/v, rotary, paged
+// attention, o, RMSNorm, fused gate/up with SiLU, down) over a step of a few tokens, in one
+// call: every kernel and every thread split is the one the single operators use, in the
+// order the Python layers call them, so the result equals theirs to the bit; what goes is
+// the Python and the dispatch between them (about 0.1 ms a layer). float32 activations;
+// the four products per layer on int8 activations against gemv_pack'ed 4-bit rows; the
+// cache float32 or int8. Layer l reads norms[2l] (input) and norms[2l + 1] (post-attention)
+// and rows[4l .. 4l + 3] (qkv, o, gate/up, down). Each query token t attends through
+// block_tables[t] to context_lens[t] tokens (a decode step's per-sequence metadata, or a
+// prefill's per-token one). Returns the last layer's (mlp output, residual).
+std::tuple<at::Tensor, at::Tensor> llama_small_step(
+    const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slots,
+    const at::Tensor& block_tables, const at::Tensor& context_lens, at::TensorList norms,
+    at::TensorList rows, at::TensorList key_caches, at::TensorList value_caches,
+    at::TensorList key_scales, at::TensorList value_scales, const at::Tensor& cos,
+    const at::Tensor& sin, int64_t num_heads, int64_t intermediate, double eps, double scale) {
+  const Build* int8 = int8_build();
+  TORCH_CHECK(int8 != nullptr, "no int8 product on this CPU's kernel builds");
+  check_contiguous(hidden, "hidden", at::kFloat, 2);
+  const int64_t tokens = hidden.size(0), width = hidden.size(1);
+  const int64_t layers = static_cast<int64_t>(key_caches.size());
+  const auto count = [](at::TensorList list) { return static_cast<int64_t>(list.size()); };
+  TORCH_CHECK_VALUE(layers > 0 && count(value_caches) == layers,
+                    "one key and one value cache per layer");
+  TORCH_CHECK_VALUE(count(norms) == 2 * layers && count(rows) == 4 * layers,
+                    "two norms and four products per layer");
+  const bool quantized = key_caches[0].scalar_type() == at::kChar;
+  TORCH_CHECK_VALUE(count(key_scales) == (quantized ? layers : 0) &&
+                        count(value_scales) == count(key_scales),
+                    "an int8 cache's scales per layer, no scales for a float cache");
+  const at::Tensor& cache0 = key_caches[0];
+  TORCH_CHECK_VALUE(cache0.dim() == 4, "caches must be [num_blocks, block_size, kv_heads, head_dim]");
+  const int64_t num_blocks = cache0.size(0), block_size = cache0.size(1);
+  const int64_t num_kv_heads = cache0.size(2), head_dim = cache0.size(3);
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads > 0 && num_heads % num_kv_heads == 0,
+                    "query heads must be a multiple of the KV heads");
+  TORCH_CHECK_VALUE(head_dim % 2 == 0 && head_dim <= MAX_HEAD_DIM, "head_dim must be even and at most ",
+                    MAX_HEAD_DIM);
+  for (int64_t l = 0; l < layers; l++) {
+    for (const at::Tensor* c : {&key_caches[l], &value_caches[l]}) {
+      check_contiguous(*c, "a cache", quantized ? at::kChar : at::kFloat, 4);
+      TORCH_CHECK_VALUE(c->sizes() == cache0.sizes(), "every layer's caches must have one shape");
+    }
+    if (quantized)
+      for (const at::Tensor* s : {&key_scales[l], &value_scales[l]}) {
+        check_contiguous(*s, "a cache scale", at::kFloat, 3);
+        TORCH_CHECK_VALUE(s->sizes() == at::IntArrayRef({num_blocks, num_kv_heads, block_size}),
+                          "cache scales must be [num_blocks, kv_heads, block_size]");
+      }
+    for (int64_t i = 0; i < 2; i++) {
+      check_contiguous(norms[2 * l + i], "a norm weight", at::kFloat, 1);
+      TORCH_CHECK_VALUE(norms[2 * l + i].size(0) == width, "norm weights must have ", width,
+                        " features");
+    }
+  }
+  const int64_t q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  // (output features, input features) of qkv, o, gate/up and down.
+  const int64_t shapes[4][2] = {
+      {qkv_width, width}, {width, q_width}, {2 * intermediate, width}, {width, intermediate}};
+  for (int64_t l = 0; l < layers; l++)
+    for (int64_t i = 0; i < 4; i++) {
+      const at::Tensor& r = rows[4 * l + i];
+      check_contiguous(r, "rows", at::kByte, 2);
+      const int64_t n = shapes[i][0], k = shapes[i][1];
+      TORCH_CHECK_VALUE(k % 32 == 0 && r.size(0) == n && r.size(1) == gemv_row_bytes(k),
+                        "layer ", l, " product ", i, ": rows ", r.sizes(),
+                        " are not gemv_pack's for ", n, " x ", k);
+    }
+  check_contiguous(positions, "positions", at::kLong, 1);
+  check_contiguous(slots, "slots", at::kLong, 1);
+  TORCH_CHECK_VALUE(positions.size(0) == tokens && slots.size(0) == tokens,
+                    "one position and one slot per token");
+  check_contiguous(cos, "cos", at::kFloat, 2);
+  check_contiguous(sin, "sin", at::kFloat, 2);
+  TORCH_CHECK_VALUE(cos.sizes() == sin.sizes() && cos.size(1) == head_dim,
+                    "cos and sin must be [positions, head_dim]");
+  const int64_t* position = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; t++) {
+    TORCH_CHECK_INDEX(position[t] >= 0 && position[t] < cos.size(0), "position ", position[t],
+                      " is past the rotary table (", cos.size(0), ")");
+    TORCH_CHECK_INDEX(slot[t] >= 0 && slot[t] < num_blocks * block_size, "slot ", slot[t],
+                      " outside the cache's ", num_blocks * block_size);
+  }
+  const int64_t max_context =
+      check_block_tables(block_tables, context_lens, tokens, num_blocks, block_size);
+
+  const auto floats = hidden.options();
+  at::Tensor out = at::empty({tokens, width}, floats);
+  at::Tensor residual = at::empty({tokens, width}, floats);
+  if (tokens == 0) return {out, residual};
+  // Working rows: the norm's output, the other residual, qkv, attention, the gate/up product
+  // and its activation.
+  at::Tensor work = at::empty({tokens * (2 * width + qkv_width + q_width + 3 * intermediate)},
+                              floats);
+  float* normed = work.data_ptr<float>();
+  float* other = normed + tokens * width;
+  float* qkv = other + tokens * width;
+  float* attn = qkv + tokens * qkv_width;
+  float* gate_up = attn + tokens * q_width;
+  float* inner = gate_up + tokens * 2 * intermediate;
+  const int64_t per_thread = paged_decode_scratch(num_heads, head_dim, max_context, block_size);
+  at::Tensor attention_space = at::empty({at::get_num_threads(), per_thread}, floats);
+  const Build& build = selected();
+
+  auto norm = [&](const float* x, const float* res, float* sum, const at::Tensor& weight) {
+    const RmsNormArgs args{x, width, res, sum, weight.data_ptr<float>(), normed, width,
+                           static_cast<float>(eps), KIND_F32};
+    at::parallel_for(0, tokens, kParallelMinTokens, [&](int64_t begin, int64_t end) {
+      build.rms_norm(&args, begin, end);
+    });
+  };
+  auto product = [&](const float* x, int64_t k, const at::Tensor& r, float* y) {
+    gemv_into(*int8, x, k, KIND_F32, tokens, k, r.data_ptr<uint8_t>(), r.size(0), y);
+  };
+  // The residual stream: the embeddings, then the sums the norms write, alternating
+  // between the result tensor and the working rows so that no sum overwrites its input.
+  const float* stream = hidden.data_ptr<float>();
+  float* sums[2] = {residual.data_ptr<float>(), other};
+  int next_sum = 0;
+  float* mlp = out.data_ptr<float>();
+  for (int64_t l = 0; l < layers; l++) {
+    if (l == 0) {
+      norm(stream, nullptr, nullptr, norms[0]);
+    } else {
+      float* sum = sums[next_sum];
+      next_sum ^= 1;
+      norm(mlp, stream, sum, norms[2 * l]);
+      stream = sum;
+    }
+    product(normed, width, rows[4 * l], qkv);
+    float* keys = qkv + q_width;
+    float* values = keys + kv_width;
+    const RotaryArgs rotary{qkv, keys, qkv_width, qkv_width, num_heads, num_kv_heads, head_dim,
+                            position, cos.data_ptr<float>(), sin.data_ptr<float>(), KIND_F32};
+    at::parallel_for(0, tokens, kParallelMinTokens, [&](int64_t begin, int64_t end) {
+      build.rotary(&rotary, begin, end);
+    });
+    const at::Tensor &key_cache = key_caches[l], &value_cache = value_caches[l];
+    if (quantized) {
+      const KvStoreArgs store{keys, values, qkv_width, qkv_width, KIND_F32, slot, num_kv_heads,
+                              head_dim, block_size, key_cache.data_ptr<int8_t>(),
+                              value_cache.data_ptr<int8_t>(), key_scales[l].data_ptr<float>(),
+                              value_scales[l].data_ptr<float>()};
+      at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+        build.kv_store_int8(&store, begin, end);
+      });
+    } else {
+      auto* key_rows = key_cache.data_ptr<float>();
+      auto* value_rows = value_cache.data_ptr<float>();
+      for (int64_t t = 0; t < tokens; t++) {
+        std::memcpy(key_rows + slot[t] * kv_width, keys + t * qkv_width, kv_width * sizeof(float));
+        std::memcpy(value_rows + slot[t] * kv_width, values + t * qkv_width,
+                    kv_width * sizeof(float));
+      }
+    }
+    const PagedDecodeArgs attention{
+        qkv,
+        qkv_width,
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        attn,
+        block_tables.data_ptr<int64_t>(),
+        block_tables.stride(0),
+        context_lens.data_ptr<int64_t>(),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        static_cast<float>(scale),
+        KIND_F32,
+        quantized ? KIND_INT8 : KIND_F32,
+        quantized ? key_scales[l].data_ptr<float>() : nullptr,
+        quantized ? value_scales[l].data_ptr<float>() : nullptr,
+    };
+    float* space = attention_space.data_ptr<float>();
+    parallel_dynamic(tokens, [&](int64_t b, int thread) {
+      build.paged_decode(&attention, b, space + thread * per_thread);
+    });
+    product(attn, q_width, rows[4 * l + 1], mlp);  // o_proj, into the free output rows
+    float* sum = sums[next_sum];
+    next_sum ^= 1;
+    norm(mlp, stream, sum, norms[2 * l + 1]);
+    stream = sum;
+    product(normed, width, rows[4 * l + 2], gate_up);
+    const SiluMulArgs act{gate_up, 2 * intermediate, inner, intermediate, KIND_F32};
+    build.silu_mul(&act, 0, tokens);
+    product(inner, intermediate, rows[4 * l + 3], mlp);
+  }
+  if (stream != residual.data_ptr<float>())
+    std::memcpy(residual.data_ptr<float>(), stream, tokens * width * sizeof(float));
+  return {out, residual};
+}
 }  // namespace
 
 TORCH_LIBRARY(textgen, m) {
@@ -779,6 +994,12 @@ TORCH_LIBRARY(textgen, m) {
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("row_stats(Tensor logits) -> (Tensor, Tensor)");
+  m.def(
+      "llama_small_step(Tensor hidden, Tensor positions, Tensor slots, Tensor block_tables, "
+      "Tensor context_lens, Tensor[] norms, Tensor[] rows, Tensor(a!)[] key_caches, "
+      "Tensor(b!)[] value_caches, Tensor(c!)[] key_scales, Tensor(d!)[] value_scales, "
+      "Tensor cos, Tensor sin, int num_heads, int intermediate, float eps, float scale) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(textgen, CPU, m) {
@@ -795,6 +1016,7 @@ TORCH_LIBRARY_IMPL(textgen, CPU, m) {
   m.impl("rotary_", &rotary_);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("row_stats", &row_stats);
+  m.impl("llama_small_step", &llama_small_step);
 }
 
 // `import textgen.server.kernels._C` registers the operators above.
