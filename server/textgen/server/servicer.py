@@ -3,7 +3,8 @@
 RPCs that touch the model or batches are serialised by one lock and run in
 one worker thread, so the event loop stays free to answer Health during a
 long forward. Errors become status codes; the process never dies of a bad
-request.
+request. After a Prefill or Decode, the shard's run-ahead step (see `Shard`)
+takes the lock next, while the reply is on its way.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         self._tracing = tracing or ShardTracing.disabled()
         self._lock = asyncio.Lock()
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="textgen-forward")
+        self._ahead: set[asyncio.Task] = set()  # run-ahead steps under way
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -76,20 +78,50 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServiceServicer):
                 lambda: self.shard.prefill(request.batch, request.token_masks, cached),
             )
             self._tracing.phases(span, reply)
+        self._run_ahead()
         return reply
 
     async def Decode(self, request, context) -> generate_pb2.DecodeResponse:
         with self._tracing.rpc("Decode", context) as span:
+            batches, masks = list(request.batches), request.token_masks
             reply = await self._run(
-                context, lambda: self.shard.decode(list(request.batches), request.token_masks)
+                context,
+                lambda: self.shard.decode(batches, masks),
+                ready=lambda: self.shard.computed_ahead(batches, masks),
             )
             self._tracing.phases(span, reply, reply.concat_ns)
+        self._run_ahead()
         return reply
 
-    async def _run(self, context, work: Callable[[], T]) -> T:
-        """Run `work` alone on the worker thread; map its errors to a status code."""
+    def _run_ahead(self) -> None:
+        """Queue the shard's run-ahead step behind the lock, if it has one to take."""
+        if not self.shard.can_run_ahead:
+            return
+        task = asyncio.get_running_loop().create_task(self._ahead_step())
+        self._ahead.add(task)
+        task.add_done_callback(self._ahead.discard)
+
+    async def _ahead_step(self) -> None:
         async with self._lock:
             try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.shard.run_ahead
+                )
+            except Exception:  # the batch is as it was: the router's Decode computes it
+                logger.exception("run-ahead step failed")
+
+    async def _run(
+        self, context, work: Callable[[], T], ready: Callable[[], T | None] = lambda: None
+    ) -> T:
+        """Run `work` alone on the worker thread; map its errors to a status code.
+
+        `ready`, asked first under the lock: a result already at hand (no thread hop).
+        """
+        async with self._lock:
+            try:
+                answer = ready()
+                if answer is not None:
+                    return answer
                 return await asyncio.get_running_loop().run_in_executor(self._executor, work)
             except tuple(_STATUS_CODES) as e:
                 code = next(c for t, c in _STATUS_CODES.items() if isinstance(e, t))

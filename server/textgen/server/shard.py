@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,13 +38,48 @@ logger = logging.getLogger(__name__)
 # Prompt tokens in the warm-up's prefill: more than a small step's (the GGUF-block products
 # take up to 4), split into sequences of at most max_input_tokens.
 WARMUP_PREFILL_TOKENS = 256
+# Batches of at most this many requests have their next decode step computed ahead.
+RUN_AHEAD_MAX_BATCH = 4
+
+
+@dataclass
+class _Ahead:
+    """A decode step computed before the router asked for it, and how to take it back."""
+
+    batch_id: int
+    reply: generate_pb2.DecodeResponse
+    # Per request: its state, num_cached and generator state before the step.
+    before: list[tuple[RequestState, int, torch.Tensor]]
+    then: int | None  # the batch to run ahead of once this step is answered
+
+    def undo(self) -> None:
+        for state, num_cached, generator in self.before:
+            state.token_ids.pop()
+            state.num_cached = num_cached
+            state.generator.set_state(generator)
 
 
 class Shard:
+    """The shard's batches and steps.
+
+    Run-ahead: after a step that leaves a small batch (at most RUN_AHEAD_MAX_BATCH
+    requests, no grammar masks, none finished by its length or an EOS), the servicer
+    calls `run_ahead`, which computes that batch's next decode step while the reply
+    travels to the router and the router hands out its tokens. A Decode of exactly that
+    batch without masks is then answered with the step already computed; any other call
+    that touches the batch first takes the step back (each request's last token, cached
+    count and generator state restored). The step's key and value rows stay in the
+    cache: they sit at the position the next real step writes with the same token, and
+    nothing reads a position before a step has written it. A single stream's step then
+    costs the forward, not the forward plus the round trip and the router's work.
+    """
+
     def __init__(self, runner: ModelRunner, config: ServerConfig) -> None:
         self.runner = runner
         self.config = config
         self.batches: dict[int, Batch] = {}
+        self._next: int | None = None  # the batch a run-ahead step would advance
+        self._ahead: _Ahead | None = None
 
     @classmethod
     def load(cls, config: ServerConfig, group: ParallelGroup, device: torch.device) -> Shard:
@@ -119,7 +155,7 @@ class Shard:
                 f"blocks of {spec.bytes_per_block} bytes; one sequence of "
                 f"{request.max_total_tokens} tokens needs {needed}"
             )
-        self.batches.clear()
+        self.clear_cache(None)
         self.runner.allocate_kv_cache(num_blocks)
         batch = _warmup_batch(request, num_blocks, block_size, WARMUP_PREFILL_TOKENS)
         prefilled = self.prefill(batch)
@@ -143,6 +179,8 @@ class Shard:
         end only fills its KV cache: no generation, and it stays out of the batch.
         """
         start = time.monotonic_ns()
+        if cached is not None:
+            self._take_back(cached.id)
         masks = _token_masks(token_masks)
         limits = self.limits
         check_new_batch(batch, set(self.batches))
@@ -182,6 +220,7 @@ class Shard:
         joined = None
         if everyone:
             self.batches[batch.id] = joined = Batch(batch.id, everyone)
+            self._may_run_ahead(joined, masks)
         done = time.monotonic_ns()
         return generate_pb2.PrefillResponse(
             generations=generations,
@@ -220,6 +259,30 @@ class Shard:
         cached: list[generate_pb2.CachedBatch],
         token_masks: Sequence[generate_pb2.TokenMask] = (),
     ) -> generate_pb2.DecodeResponse:
+        reply = self.computed_ahead(cached, token_masks)
+        if reply is not None:
+            return reply
+        for c in cached:
+            self._take_back(c.id)
+        return self._decode(cached, token_masks)
+
+    def computed_ahead(
+        self,
+        cached: list[generate_pb2.CachedBatch],
+        token_masks: Sequence[generate_pb2.TokenMask] = (),
+    ) -> generate_pb2.DecodeResponse | None:
+        """The reply to this Decode if `run_ahead` computed it (taken: asked once)."""
+        ahead = self._ahead
+        if ahead is None or [c.id for c in cached] != [ahead.batch_id] or len(token_masks):
+            return None
+        self._ahead, self._next = None, ahead.then
+        return ahead.reply
+
+    def _decode(
+        self,
+        cached: list[generate_pb2.CachedBatch],
+        token_masks: Sequence[generate_pb2.TokenMask] = (),
+    ) -> generate_pb2.DecodeResponse:
         start = time.monotonic_ns()
         masks = _token_masks(token_masks)
         if len({c.id for c in cached}) != len(cached):
@@ -241,6 +304,7 @@ class Shard:
         for c in cached:
             del self.batches[c.id]
         self.batches[batch.id] = batch
+        self._may_run_ahead(batch, masks)
         done = time.monotonic_ns()
         return generate_pb2.DecodeResponse(
             generations=generations,
@@ -250,6 +314,45 @@ class Shard:
             total_ns=done - start,
             concat_ns=concat_done - start,
         )
+
+    # -- run-ahead ----------------------------------------------------------
+
+    def _may_run_ahead(self, batch: Batch, masks: dict[int, bytes]) -> None:
+        """Note `batch` for `run_ahead` when its next step can be computed ahead."""
+        self._next = None
+        if self.config.world_size > 1 or masks or len(batch.requests) > RUN_AHEAD_MAX_BATCH:
+            return
+        for state in batch.requests:
+            generated, last = state.length - state.prompt_len, state.token_ids[-1]
+            if generated >= state.max_new_tokens or last in state.params.eos_token_ids:
+                return  # the router ends it: its batch changes before the next step
+        self._next = batch.id
+
+    @property
+    def can_run_ahead(self) -> bool:
+        return self._next is not None and self._ahead is None
+
+    def run_ahead(self) -> None:
+        """Compute the noted batch's next decode step now, to be answered by `decode`."""
+        if not self.can_run_ahead or self._next not in self.batches:
+            return
+        batch_id, self._next = self._next, None
+        states = self.batches[batch_id].requests
+        before = [(s, s.num_cached, s.generator.get_state()) for s in states]
+        try:
+            reply = self._decode([generate_pb2.CachedBatch(id=batch_id)])
+        except InvalidRequestError:
+            return  # the router's Decode meets the same refusal and reports it
+        # NOTE: one step ahead at most: the next is noted for when this one is answered.
+        self._ahead = _Ahead(batch_id, reply, before, then=self._next)
+        self._next = None
+
+    def _take_back(self, batch_id: int | None) -> None:
+        """Undo the step computed ahead if it advanced `batch_id` (None: any batch)."""
+        ahead = self._ahead
+        if ahead is not None and batch_id in (None, ahead.batch_id):
+            self._ahead = None
+            ahead.undo()
 
     def _sample(self, logits: torch.Tensor, requests: list) -> SamplingOutput:
         return sample(logits, requests, native=self.platform.native_cpu)
@@ -269,6 +372,7 @@ class Shard:
         self, batch_id: int, request_ids: list[int]
     ) -> generate_pb2.CachedBatch | None:
         """Keep the given requests; keeping none drops the batch (returns None)."""
+        self._take_back(batch_id)
         batch = self._batch(batch_id)
         if not request_ids:
             del self.batches[batch_id]
@@ -281,6 +385,8 @@ class Shard:
 
     def clear_cache(self, batch_id: int | None) -> None:
         """Drop one batch (an unknown id is already dropped) or every batch."""
+        self._take_back(batch_id)
+        self._next = None
         if batch_id is None:
             self.batches.clear()
         else:
