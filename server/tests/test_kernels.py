@@ -194,3 +194,23 @@ def test_the_operators_run_on_torch_threads():
         assert torch.equal(kernels.rms_norm(x, weight, 1e-5), alone)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_sequence_spread_over_its_kv_heads_gives_the_same_bits(isa, dtype):
+    """Fewer sequences than threads: each KV head's query group is an item of its own (the
+    step of a single stream uses both threads); each head computes what it does alone."""
+    torch.manual_seed(5)
+    key = torch.randn(8, 16, 3, 64).to(dtype)
+    value = torch.randn_like(key)
+    q = torch.randn(1, 9, 64).to(dtype)
+    tables, lens = torch.tensor([[3, 0, 6, 1, 2]]), torch.tensor([71])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = kernels.paged_decode(q, key, value, tables, lens, 0.125)
+        torch.set_num_threads(2)
+        spread = kernels.paged_decode(q, key, value, tables, lens, 0.125)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(spread, alone)

@@ -20,7 +20,7 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_INT8 = 2 };
 
 /* Decode attention over the paged cache, one query token per sequence (paged_attention.c).
  *   q             [B, Hq, D] of `kind`, rows q_stride elements apart, heads contiguous
- *   out           [B, Hq, D] of `kind`, contiguous
+ *   out           [B, Hq, D] of `kind`, rows out_stride elements apart, heads contiguous
  *   key, value    [num_blocks, block_size, Hkv, D] of `cache_kind` (= kind, or KIND_INT8),
  *                 at the given block/token/head strides (elements), dims contiguous
  *   key_scale, value_scale  [num_blocks, Hkv, block_size] float32 (KIND_INT8 only)
@@ -30,6 +30,7 @@ typedef struct {
     int64_t q_stride;
     const void *key, *value;
     void *out;
+    int64_t out_stride;
     const int64_t *block_tables;
     int64_t table_stride;
     const int64_t *context_lens;

@@ -275,6 +275,35 @@ int64_t check_block_tables(const at::Tensor& block_tables, const at::Tensor& con
   return max_context;
 }
 
+// The sequences of `args` on torch's threads, each sequence on one thread; with fewer
+// sequences than threads and a cache without scales, the items are (sequence, KV head)
+// instead, so that a step of one sequence uses every thread. Each KV head's group of query
+// heads is computed on its own either way (its scores, softmax and sums): the same bits.
+void run_paged_decode(const Build& build, const PagedDecodeArgs& args, int64_t num_seqs,
+                      float* space, int64_t per_thread) {
+  const int64_t heads = args.num_kv_heads;
+  if (num_seqs >= at::get_num_threads() || heads == 1 || args.cache_kind == KIND_INT8) {
+    parallel_dynamic(num_seqs, [&](int64_t b, int thread) {
+      build.paged_decode(&args, b, space + thread * per_thread);
+    });
+    return;
+  }
+  const int64_t group = args.num_heads / heads;
+  const size_t size = args.kind == KIND_F32 ? sizeof(float) : sizeof(uint16_t);
+  const size_t q_bytes = group * args.head_dim * size, kv_bytes = args.head_stride * size;
+  parallel_dynamic(num_seqs * heads, [&](int64_t item, int thread) {
+    const int64_t h = item % heads;
+    PagedDecodeArgs part = args;
+    part.q = static_cast<const char*>(args.q) + h * q_bytes;
+    part.out = static_cast<char*>(args.out) + h * q_bytes;
+    part.key = static_cast<const char*>(args.key) + h * kv_bytes;
+    part.value = static_cast<const char*>(args.value) + h * kv_bytes;
+    part.num_heads = group;
+    part.num_kv_heads = 1;
+    build.paged_decode(&part, item / heads, space + thread * per_thread);
+  });
+}
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache,
                         const at::Tensor& value_cache, const at::Tensor& block_tables,
                         const at::Tensor& context_lens, double scale,
@@ -298,6 +327,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache,
       key_cache.data_ptr(),
       value_cache.data_ptr(),
       out.data_ptr(),
+      num_heads * head_dim,
       block_tables.data_ptr<int64_t>(),
       block_tables.stride(0),
       context_lens.data_ptr<int64_t>(),
@@ -314,11 +344,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache,
       int8 ? key_scale->data_ptr<float>() : nullptr,
       int8 ? value_scale->data_ptr<float>() : nullptr,
   };
-  float* space = scratch.data_ptr<float>();
-  const Build& build = selected();
-  parallel_dynamic(num_seqs, [&](int64_t b, int thread) {
-    build.paged_decode(&args, b, space + thread * per_thread);
-  });
+  run_paged_decode(selected(), args, num_seqs, scratch.data_ptr<float>(), per_thread);
   return out;
 }
 
@@ -929,6 +955,7 @@ std::tuple<at::Tensor, at::Tensor> llama_small_step(
         key_cache.data_ptr(),
         value_cache.data_ptr(),
         attn,
+        q_width,
         block_tables.data_ptr<int64_t>(),
         block_tables.stride(0),
         context_lens.data_ptr<int64_t>(),
@@ -945,10 +972,7 @@ std::tuple<at::Tensor, at::Tensor> llama_small_step(
         quantized ? key_scales[l].data_ptr<float>() : nullptr,
         quantized ? value_scales[l].data_ptr<float>() : nullptr,
     };
-    float* space = attention_space.data_ptr<float>();
-    parallel_dynamic(tokens, [&](int64_t b, int thread) {
-      build.paged_decode(&attention, b, space + thread * per_thread);
-    });
+    run_paged_decode(build, attention, tokens, attention_space.data_ptr<float>(), per_thread);
     product(attn, q_width, rows[4 * l + 1], mlp);  // o_proj, into the free output rows
     float* sum = sums[next_sum];
     next_sum ^= 1;

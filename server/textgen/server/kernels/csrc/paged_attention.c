@@ -883,7 +883,7 @@ void KERNEL(paged_decode)(const PagedDecodeArgs *a, int64_t b, float *scratch) {
     const int64_t *table = a->block_tables + b * a->table_stride;
     const size_t size = a->kind == KIND_F32 ? sizeof(float) : sizeof(uint16_t);
     const void *q = (const char *)a->q + (size_t)(b * a->q_stride) * size;
-    void *out = (char *)a->out + (size_t)(b * a->num_heads * a->head_dim) * size;
+    void *out = (char *)a->out + (size_t)(b * a->out_stride) * size;
     const int64_t context = a->context_lens[b];
     const float *key_scale = a->cache_kind == KIND_INT8 ? a->key_scale : NULL;
     const float *value_scale = a->cache_kind == KIND_INT8 ? a->value_scale : NULL;
