@@ -275,6 +275,40 @@ int64_t check_block_tables(const at::Tensor& block_tables, const at::Tensor& con
   return max_context;
 }
 
+// The decode kernel's arguments: queries q [T, num_heads, D] of `kind` (rows q_stride
+// elements apart) into out (contiguous), over one layer's caches [num_blocks, block_size,
+// kv_heads, D], int8 where their scales are given.
+PagedDecodeArgs decode_args(const void* q, int64_t q_stride, int kind, void* out,
+                            int64_t num_heads, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale, const float* key_scale,
+                            const float* value_scale) {
+  const int64_t head_dim = key_cache.size(3);
+  return PagedDecodeArgs{
+      q,
+      q_stride,
+      key_cache.data_ptr(),
+      value_cache.data_ptr(),
+      out,
+      num_heads * head_dim,
+      block_tables.data_ptr<int64_t>(),
+      block_tables.stride(0),
+      context_lens.data_ptr<int64_t>(),
+      num_heads,
+      key_cache.size(2),
+      head_dim,
+      key_cache.size(1),
+      key_cache.stride(0),
+      key_cache.stride(1),
+      key_cache.stride(2),
+      static_cast<float>(scale),
+      kind,
+      key_scale != nullptr ? KIND_INT8 : kind,
+      key_scale,
+      value_scale,
+  };
+}
+
 // The sequences of `args` on torch's threads, each sequence on one thread; with fewer
 // sequences than threads and a cache without scales, the items are (sequence, KV head)
 // instead, so that a step of one sequence uses every thread. Each KV head's group of query
@@ -321,29 +355,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache,
   const int64_t per_thread = paged_decode_scratch(num_heads, head_dim, max_context, block_size);
   at::Tensor scratch =
       at::empty({at::get_num_threads(), per_thread}, q.options().dtype(at::kFloat));
-  const PagedDecodeArgs args{
-      q.data_ptr(),
-      q.stride(0),
-      key_cache.data_ptr(),
-      value_cache.data_ptr(),
-      out.data_ptr(),
-      num_heads * head_dim,
-      block_tables.data_ptr<int64_t>(),
-      block_tables.stride(0),
-      context_lens.data_ptr<int64_t>(),
-      num_heads,
-      key_cache.size(2),
-      head_dim,
-      block_size,
-      key_cache.stride(0),
-      key_cache.stride(1),
-      key_cache.stride(2),
-      static_cast<float>(scale),
-      kind,
-      int8 ? KIND_INT8 : kind,
-      int8 ? key_scale->data_ptr<float>() : nullptr,
-      int8 ? value_scale->data_ptr<float>() : nullptr,
-  };
+  const PagedDecodeArgs args = decode_args(
+      q.data_ptr(), q.stride(0), kind, out.data_ptr(), num_heads, key_cache, value_cache,
+      block_tables, context_lens, scale, int8 ? key_scale->data_ptr<float>() : nullptr,
+      int8 ? value_scale->data_ptr<float>() : nullptr);
   run_paged_decode(selected(), args, num_seqs, scratch.data_ptr<float>(), per_thread);
   return out;
 }
@@ -949,29 +964,10 @@ std::tuple<at::Tensor, at::Tensor> llama_small_step(
                     kv_width * sizeof(float));
       }
     }
-    const PagedDecodeArgs attention{
-        qkv,
-        qkv_width,
-        key_cache.data_ptr(),
-        value_cache.data_ptr(),
-        attn,
-        q_width,
-        block_tables.data_ptr<int64_t>(),
-        block_tables.stride(0),
-        context_lens.data_ptr<int64_t>(),
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        static_cast<float>(scale),
-        KIND_F32,
-        quantized ? KIND_INT8 : KIND_F32,
-        quantized ? key_scales[l].data_ptr<float>() : nullptr,
-        quantized ? value_scales[l].data_ptr<float>() : nullptr,
-    };
+    const PagedDecodeArgs attention = decode_args(
+        qkv, qkv_width, KIND_F32, attn, num_heads, key_cache, value_cache, block_tables,
+        context_lens, scale, quantized ? key_scales[l].data_ptr<float>() : nullptr,
+        quantized ? value_scales[l].data_ptr<float>() : nullptr);
     run_paged_decode(build, attention, tokens, attention_space.data_ptr<float>(), per_thread);
     product(attn, q_width, rows[4 * l + 1], mlp);  // o_proj, into the free output rows
     float* sum = sums[next_sum];
