@@ -206,7 +206,9 @@ def _logits(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
 
 @needs_int8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_default_model_with_int8_activations_stays_close_to_float32(real_model_dir, dtype):
+def test_default_model_with_int8_activations_stays_close_to_float32(
+    real_model_dir, dtype, int8_isa
+):
     platform = cpu_platform(dtype)
     if dtype == torch.bfloat16 and not platform.native_bf16:
         pytest.skip("this CPU has no native bf16")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INT8_LEVELS, cpu_platform
+from conftest import cpu_platform
 from gguf_testing import make_blocks
 
 from textgen.server import kernels
 from textgen.server.distributed import ParallelGroup
 from textgen.server.model_runner import ModelRunner, SequenceInput
 
-needs_int8 = pytest.mark.skipif(not INT8_LEVELS, reason="no int8 product on this CPU")
 BLOCK = 16
 
 
@@ -42,7 +41,6 @@ def _steps() -> list[list[tuple[int, list[int], int]]]:
     ]
 
 
-@needs_int8
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_one_call_equals_the_layers_to_the_bit(real_model_dir, int8_isa, kv_cache_dtype):
     platform = cpu_platform(torch.float32, int8_activations=True)
@@ -66,8 +64,7 @@ def test_one_call_equals_the_layers_to_the_bit(real_model_dir, int8_isa, kv_cach
             assert (a is None and b is None) or torch.equal(a, b), name
 
 
-@needs_int8
-def test_the_one_call_serves_only_where_its_kernels_do(real_model_dir, tiny_llama):
+def test_the_one_call_serves_only_where_its_kernels_do(real_model_dir, tiny_llama, int8_isa):
     def small_step(model_dir, dtype, int8_activations):
         platform = cpu_platform(dtype, int8_activations)
         return ModelRunner.load(model_dir, platform, BLOCK, ParallelGroup()).model.small_step
@@ -107,13 +104,11 @@ def _layer_case() -> tuple:
     )
 
 
-@needs_int8
-def test_the_schema_and_fake_tensors_agree_with_the_operator():
+def test_the_schema_and_fake_tensors_agree_with_the_operator(int8_isa):
     op = torch.ops.textgen.llama_small_step.default
     torch.library.opcheck(op, _layer_case(), test_utils=("test_schema", "test_faketensor"))
 
 
-@needs_int8
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
@@ -125,7 +120,7 @@ def test_the_schema_and_fake_tensors_agree_with_the_operator():
         ({9: [torch.zeros(4, 2, BLOCK)]}, ValueError, "scales"),
     ],
 )
-def test_bad_arguments_raise_before_any_kernel_runs(change, error, message):
+def test_bad_arguments_raise_before_any_kernel_runs(change, error, message, int8_isa):
     args = list(_layer_case())
     for index, value in change.items():
         args[index] = value
