@@ -50,7 +50,6 @@ class _Ahead:
     reply: generate_pb2.DecodeResponse
     # Per request: its state, num_cached and generator state before the step.
     before: list[tuple[RequestState, int, torch.Tensor]]
-    then: int | None  # the batch to run ahead of once this step is answered
 
     def undo(self) -> None:
         for state, num_cached, generator in self.before:
@@ -275,7 +274,8 @@ class Shard:
         ahead = self._ahead
         if ahead is None or [c.id for c in cached] != [ahead.batch_id] or len(token_masks):
             return None
-        self._ahead, self._next = None, ahead.then
+        self._ahead = None
+        self._may_run_ahead(self.batches[ahead.batch_id], {})
         return ahead.reply
 
     def _decode(
@@ -343,9 +343,8 @@ class Shard:
             reply = self._decode([generate_pb2.CachedBatch(id=batch_id)])
         except InvalidRequestError:
             return  # the router's Decode meets the same refusal and reports it
-        # NOTE: one step ahead at most: the next is noted for when this one is answered.
-        self._ahead = _Ahead(batch_id, reply, before, then=self._next)
-        self._next = None
+        # NOTE: one step ahead at most: the next is noted once this one is answered.
+        self._ahead, self._next = _Ahead(batch_id, reply, before), None
 
     def _take_back(self, batch_id: int | None) -> None:
         """Undo the step computed ahead if it advanced `batch_id` (None: any batch)."""

@@ -190,10 +190,10 @@ class SmallStepWeights:
     scale: float
 
     @classmethod
-    def of(cls, model: LlamaForCausalLM, attention: AttentionBackend) -> SmallStepWeights | None:
+    def of(cls, model: LlamaForCausalLM) -> SmallStepWeights | None:
         """The model's, when its small steps can run as one call; else None."""
         first = model.layers[0]
-        rotary = first.self_attn.rotary
+        attention, rotary = first.self_attn.attention, first.self_attn.rotary
         if not (attention.native_cpu and model.cache_dtype == torch.float32 and rotary.native):
             return None
         norms, rows = [], []
@@ -271,7 +271,6 @@ class LlamaForCausalLM(CausalLM):
         tied = getattr(config, "tie_word_embeddings", False)
         self.lm_head = ParallelLMHead.load(weights, "lm_head", self.embed_tokens, tied)
         self.cache_dtype = weights.dtype
-        self.attention = attention
         self.small_step: SmallStepWeights | None = None  # set by `prepare`
 
     @classmethod
@@ -279,7 +278,7 @@ class LlamaForCausalLM(CausalLM):
         return cls(config, weights, attention).eval()
 
     def prepare(self) -> None:
-        self.small_step = SmallStepWeights.of(self, self.attention)
+        self.small_step = SmallStepWeights.of(self)
 
     def kv_cache_spec(self, block_size: int) -> KVCacheSpec:
         return KVCacheSpec(
