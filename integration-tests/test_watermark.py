@@ -59,6 +59,7 @@ PROMPTS = [
 # Multinomial sampling at temperature 1, as in the paper. (Lower temperature or
 # top-p leave less entropy for the mark: at 0.9 / 0.95 the lowest z was 4.3.)
 SAMPLING = {"do_sample": True}
+JSON_HEADERS = {"content-type": "application/json"}
 REPLACEMENTS = ["apple", "quickly", "green", "river", "seven", "often", "paper", "loud"]
 
 
@@ -214,7 +215,9 @@ def test_token_ids_score_the_same_as_their_text(launcher: Launcher, model_dir: P
     ],
 )
 def test_detect_rejects_bad_bodies_with_tgi_errors(launcher: Launcher, body: bytes, status: int):
-    response = httpx.post(launcher.url + "/watermark/detect", content=body, timeout=60)
+    response = httpx.post(
+        launcher.url + "/watermark/detect", content=body, headers=JSON_HEADERS, timeout=60
+    )
     assert response.status_code == status
     assert response.json()["error_type"] == "validation"
     assert response.json()["error"]

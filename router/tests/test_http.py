@@ -100,7 +100,9 @@ async def test_stream_events_follow_tgi():
 
 async def test_malformed_json_is_400_as_tgi():
     async with router() as (client, _, _):
-        response = await client.post("/generate", content=b"{not json")
+        response = await client.post(
+            "/generate", content=b"{not json", headers={"content-type": "application/json"}
+        )
     assert response.status_code == 400
     assert response.json()["error_type"] == "validation"
 

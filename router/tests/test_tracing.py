@@ -88,5 +88,11 @@ async def test_json_logs_one_object_per_line_with_request_and_span_ids():
         "time_per_token",
     ):
         assert success[field] >= 0
-    (rejected,) = [x for x in lines if x["level"] == "ERROR"]
-    assert rejected["error_type"] == "validation" and "cannot be empty" in rejected["message"]
+    # A client's mistake is logged at INFO: ERROR is kept for what an operator must act on.
+    assert not [x for x in lines if x["level"] == "ERROR"]
+    (rejected,) = [x for x in lines if x["message"].startswith("Refused")]
+    assert (
+        rejected["level"] == "INFO"
+        and rejected["error_type"] == "validation"
+        and "cannot be empty" in rejected["message"]
+    )

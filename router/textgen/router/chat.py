@@ -69,9 +69,9 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ChatError(f"`{param}` must be an object", param)
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise ChatError(
-            f"`{param}.role` must be one of {', '.join(sorted(ROLES))}; got {role!r}",
+            f"`{param}.role` must be one of {', '.join(sorted(ROLES))}; got {_shown(role)}",
             f"{param}.role",
         )
     normalized = {k: v for k, v in message.items() if v is not None}
@@ -81,6 +81,14 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     if message.get("content") is None and "tool_calls" not in normalized:
         raise ChatError(f"`{param}.content` is required", f"{param}.content")
     return normalized
+
+
+def _shown(value: Any) -> str:
+    """A client's value in an error message: a short string as itself, else its JSON type."""
+    if isinstance(value, str):
+        return repr(value[:40] + ("..." if len(value) > 40 else ""))
+    kinds = {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
 def _content(content: Any, param: str) -> str:

@@ -57,6 +57,15 @@ class RouterConfig:
     grammar_compile_timeout_s: float = 5.0
     """A grammar not compiled in this time is refused (422); it is cached once it is done."""
 
+    api_key_file: str | None = None
+    """File of API keys, one per line; with TEXTGEN_API_KEY (one key), what requests must carry."""
+    cors_allow_origin: str | None = None
+    """Comma-separated web origins allowed to call the router ("*": any); None: no CORS."""
+    graceful_termination_timeout: float = 90.0
+    """Seconds requests in flight may run after SIGTERM before they are ended (TGI's default)."""
+    stream_keepalive_interval: float = 10.0
+    """Seconds of silence after which an SSE stream gets a keep-alive comment."""
+
     def __post_init__(self) -> None:
         self.watermark  # noqa: B018 -- WatermarkConfig checks gamma, delta and the key
         if self.max_input_tokens >= self.max_total_tokens:
@@ -75,6 +84,15 @@ class RouterConfig:
             raise ValueError("max_batch_size must be >= 1")
         if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
             raise ValueError("prefill_chunk_tokens must be >= 1")
+        if self.graceful_termination_timeout < 0 or self.stream_keepalive_interval <= 0:
+            raise ValueError(
+                "graceful_termination_timeout must be >= 0 and stream_keepalive_interval > 0"
+            )
+
+    @property
+    def cors_allow_origins(self) -> tuple[str, ...]:
+        origins = (self.cors_allow_origin or "").split(",")
+        return tuple(origin.strip() for origin in origins if origin.strip())
 
     @property
     def watermark(self) -> WatermarkConfig:

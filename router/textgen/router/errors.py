@@ -20,6 +20,40 @@ class RouterError(Exception):
         return {}
 
 
+class InternalError(RouterError):
+    """A bug: an exception no handler expected (answered 500 in the route's shape)."""
+
+
+class UnauthorizedError(RouterError):
+    status = 401
+    error_type = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class UnsupportedMediaTypeError(RouterError):
+    """A JSON route's body not declared `application/json` (as TGI's router: 415)."""
+
+    status = 415
+    error_type = "validation"
+
+
+class HeadersTooLargeError(RouterError):
+    status = 431
+    error_type = "validation"
+
+
+class ShuttingDownError(RouterError):
+    """The server is draining: new requests are refused, late ones are ended."""
+
+    status = 503
+    error_type = "unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "Connection": "close"}
+
+
 class ValidationError(RouterError):
     status = 422
     error_type = "validation"

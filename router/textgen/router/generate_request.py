@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from textgen.router.errors import JsonSyntaxError, ValidationError
+from textgen.router.errors import ValidationError
 
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1
@@ -75,18 +75,6 @@ class GenerateRequest:
     parameters: GenerateParameters = field(default_factory=GenerateParameters)
     add_special_tokens: bool = True
     stream: bool = False
-
-
-def loads(body: bytes) -> Any:
-    """JSON as TGI reads it: NaN and Infinity are not JSON."""
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
-        raise JsonSyntaxError(f"Failed to parse the request body as JSON: {error}") from error
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a valid JSON value")
 
 
 def parse_request(body: Any) -> GenerateRequest:

@@ -163,11 +163,20 @@ class GrammarCompiler:
             )
         if spec.kind == "json":
             schema = json.loads(spec.value)
-            check_ref_cycles(schema)
+            try:
+                check_ref_cycles(schema)
+            except RecursionError:
+                raise GrammarError("invalid json: `$ref` chains nest too deeply") from None
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": False}
             )
         else:
+            at = stacked_quantifier(spec.value)
+            if at is not None:
+                raise GrammarError(
+                    f"invalid regex: the quantifier {spec.value[at]!r} at position {at} follows "
+                    "another quantifier (a multiple repeat); group the inner one: (?:x*)*"
+                )
             grammar = llguidance.LLMatcher.grammar_from_regex(spec.value)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
@@ -198,6 +207,50 @@ def _first_line(error: str, spec: GrammarSpec) -> str:
         if line.strip() and not line.strip().startswith("^") and not _LISTING.match(line)
     ]
     return f"invalid {spec.kind}: {' '.join(kept)}"
+
+
+_COUNTED = re.compile(r"\{(?:\d+(?:,\d*)?|,\d+)\}")
+
+
+def stacked_quantifier(pattern: str) -> int | None:
+    """Where a quantifier follows another one (`a**`, `a+*`, `a{2}+`), else None.
+
+    Python's re, PCRE and JavaScript refuse such a "multiple repeat" as an error;
+    llguidance would read it as a nested repetition. textgen refuses it, so a
+    pattern means the same here as in the client's own regex engine. A single `?` after a
+    quantifier (lazy: `a*?`) is allowed. Escapes and character classes are skipped.
+    """
+    i, previous = 0, ""  # previous: "" (an atom), "quantifier" or "lazy"
+    while i < len(pattern):
+        char = pattern[i]
+        counted = _COUNTED.match(pattern, i) if char == "{" else None
+        if char == "\\":
+            i, previous = i + 2, ""
+        elif char == "[":
+            i, previous = _class_end(pattern, i), ""
+        elif char in "*+?" or counted:
+            if previous == "quantifier" and char == "?":
+                previous = "lazy"
+            elif previous:
+                return i
+            else:
+                previous = "quantifier"
+            i = counted.end() if counted else i + 1
+        else:
+            i, previous = i + 1, ""
+    return None
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """The index after the `]` closing the character class that opens at `start`."""
+    i = start + 1
+    if pattern.startswith("^", i):
+        i += 1
+    if pattern.startswith("]", i):  # a `]` first in a class is literal
+        i += 1
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
 
 
 def check_ref_cycles(schema: Any) -> None:

@@ -34,6 +34,7 @@ class Infer:
         self._max_concurrent = max_concurrent_requests
         self._request_ids = itertools.count()
         self.num_in_flight = 0
+        self._admitted: set[Entry] = set()
         self._metrics = metrics or RouterMetrics.standalone()
         self._tracing = tracing or RouterTracing.disabled()
 
@@ -96,16 +97,26 @@ class Infer:
         entry.timings.received = received
         self._tracing.adopt(entry)
         self._queue.append(entry)
+        self._admitted.add(entry)
         return entry
 
     def finish(self, entry: Entry) -> None:
         """Release the request's admission slot; cancel it if it is still running."""
         self.num_in_flight -= 1
+        self._admitted.discard(entry)
         if not entry.finished:
             entry.cancel()
         self._metrics.request_finished(entry)
         self._tracing.request_finished(entry)
         log_completion(entry)
+
+    def abort_all(self, error: RouterError) -> int:
+        """End every admitted request still running with `error` (the server is stopping);
+        returns how many. Their handlers answer with it and `finish` them as usual."""
+        running = [entry for entry in self._admitted if not entry.done]
+        for entry in running:
+            entry.cancel(error)
+        return len(running)
 
     def _reject(self, error: RouterError, reason: str) -> NoReturn:
         self._metrics.request_rejected(reason)

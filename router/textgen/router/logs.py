@@ -8,6 +8,7 @@ logged once when its handler lets go of it (TGI's "Success" line, with its timin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from textgen.router.errors import RouterError
+from textgen.router.errors import OverloadedError, RouterError
 from textgen.router.request import Entry
 
 logger = logging.getLogger("textgen.router.infer")
@@ -64,9 +65,53 @@ def setup_logging(json_output: bool) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+OVERLOAD_LOG_INTERVAL_S = 10.0
+
+
+class _OverloadLog:
+    """429s logged once per interval with their count: a flood is one line per interval.
+
+    The first refusal after a quiet interval is logged at once; those that follow
+    within OVERLOAD_LOG_INTERVAL_S are counted and logged together when it ends.
+    """
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._flush: asyncio.TimerHandle | None = None
+
+    def refused(self) -> None:
+        if self._flush is not None:
+            self._pending += 1
+            return
+        logger.warning("Overloaded: refusing requests with 429 (max_concurrent_requests reached)")
+        self._flush = asyncio.get_running_loop().call_later(OVERLOAD_LOG_INTERVAL_S, self._report)
+
+    def _report(self) -> None:
+        count, self._pending = self._pending, 0
+        if not count:
+            self._flush = None
+            return
+        logger.warning(
+            "Overloaded: refused %d more request(s) with 429 in the last %.0f s",
+            count,
+            OVERLOAD_LOG_INTERVAL_S,
+        )
+        self._flush = asyncio.get_running_loop().call_later(OVERLOAD_LOG_INTERVAL_S, self._report)
+
+
+_overload_log = _OverloadLog()
+
+
 def log_rejection(error: RouterError) -> None:
-    """A request turned away before it was queued (TGI logs these as errors too)."""
-    logger.error("%s", error, extra={"fields": {"error_type": error.error_type}})
+    """A request turned away before it was queued.
+
+    A client's mistake is logged at INFO (the client got the message); overload
+    is summarised per interval, so that a flood does not become a log flood.
+    """
+    if isinstance(error, OverloadedError):
+        _overload_log.refused()
+    else:
+        logger.info("Refused: %s", error, extra={"fields": {"error_type": error.error_type}})
 
 
 def log_completion(entry: Entry) -> None:
@@ -78,7 +123,8 @@ def log_completion(entry: Entry) -> None:
         "generated_tokens": entry.num_generated,
     }
     if entry.cancelled:
-        logger.warning("Dropped: the client disconnected", extra={"fields": fields})
+        # NOTE: counted in tgi_request_failure{err="dropped"}; a disconnect storm stays quiet.
+        logger.debug("Dropped before it finished", extra={"fields": fields})
     elif not t.finished:
         logger.error("Failed during generation", extra={"fields": fields})
     else:

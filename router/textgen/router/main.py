@@ -8,13 +8,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
@@ -25,6 +25,8 @@ from textgen.router.client import ShardClient
 from textgen.router.config import RouterConfig
 from textgen.router.grammar import GrammarCompiler, GrammarConfig
 from textgen.router.http.app import RouterState, build_app
+from textgen.router.http.guard import AccessPolicy, Lifecycle, read_key_file
+from textgen.router.http.server import make_server
 from textgen.router.infer import Infer
 from textgen.router.logs import setup_logging
 from textgen.router.metrics import make_registry
@@ -37,9 +39,6 @@ from textgen.router.validation import Validation, ValidationLimits
 from textgen.router.watermark import Detector
 
 logger = logging.getLogger("textgen.router")
-
-# Seconds uvicorn lets running requests finish after SIGTERM before closing them.
-_GRACEFUL_SHUTDOWN_S = 30
 
 
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
@@ -137,6 +136,7 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
         config.payload_limit,
         registry,
         detector=detector,
+        stream_keepalive_s=config.stream_keepalive_interval,
     )
 
 
@@ -205,11 +205,15 @@ def _info(config: RouterConfig, shard: pb.InfoResponse, max_batch_total_tokens: 
     }
 
 
-def make_lifespan(config: RouterConfig, tracing: RouterTracing | None = None) -> Any:
+def make_lifespan(
+    config: RouterConfig, tracing: RouterTracing | None = None, lifecycle: Lifecycle | None = None
+) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await start(config, tracing)
         app.state.router = state
+        if lifecycle is not None:
+            lifecycle.abort = state.infer.abort_all
         loop_task = asyncio.create_task(state.scheduler.run(), name="batching-loop")
         loop_task.add_done_callback(_exit_if_loop_died)
         try:
@@ -237,13 +241,31 @@ def main(argv: list[str] | None = None) -> None:
     tracing = RouterTracing.from_endpoint(
         config.otlp_endpoint, f"{config.otlp_service_name}.router"
     )
-    app = wrap_app(build_app(make_lifespan(config, tracing)), tracing)
-    uvicorn.run(
-        app,
-        host=config.hostname,
-        port=config.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
-        lifespan="on",
+    lifecycle = Lifecycle()
+    try:
+        policy = access_policy(config)
+    except OSError as error:
+        raise SystemExit(f"error: cannot read --api-key-file: {error}") from None
+    app = build_app(make_lifespan(config, tracing, lifecycle), policy, lifecycle)
+    server = make_server(
+        wrap_app(app, tracing),
+        config.hostname,
+        config.port,
+        lifecycle,
+        config.graceful_termination_timeout,
+    )
+    server.run()
+
+
+API_KEY_ENV = "TEXTGEN_API_KEY"
+"""One API key, from the environment (a flag's value is visible to every user in `ps`)."""
+
+
+def access_policy(config: RouterConfig) -> AccessPolicy:
+    keys = [os.environ.get(API_KEY_ENV, "").strip()]
+    if config.api_key_file is not None:
+        keys += read_key_file(config.api_key_file)
+    return AccessPolicy(
+        api_keys=tuple(key for key in keys if key),
+        cors_allow_origins=config.cors_allow_origins,
     )

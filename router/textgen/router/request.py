@@ -223,12 +223,13 @@ class Entry:
             self.events.put_nowait(event)
         self._held.clear()
 
-    def cancel(self) -> None:
-        """The client went away: the scheduler drops the request at its next step."""
+    def cancel(self, error: RouterError | None = None) -> None:
+        """Drop the request at the scheduler's next step: its client went away, or `error`
+        (the server's reason, which its handler answers with) ended it."""
         if not self.done:
             self.cancelled = True
             self.release()
-            self.events.put_nowait(RouterError("client disconnected"))
+            self.events.put_nowait(error or RouterError("client disconnected"))
 
     def fail(self, error: RouterError) -> None:
         if not self.finished:

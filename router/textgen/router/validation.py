@@ -8,12 +8,12 @@ working. textgen's extensions (`min_p`, `presence_penalty`, `min_new_tokens`,
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from textgen.router import json_input
 from textgen.router.errors import ValidationError
 from textgen.router.generate_request import (
     GenerateParameters,
@@ -25,6 +25,8 @@ from textgen.router.grammar import CompiledGrammar, GrammarCompiler, GrammarSpec
 from textgen.router.request import SamplingParams, StoppingParams, ValidRequest
 
 _PREFIX = "Input validation error: "
+MAX_STOP_SEQUENCE_CHARS = 1024
+"""Longest stop sequence: each generated token is matched against a window this wide."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ValidationLimits:
     max_top_n_tokens: int = 5
     max_new_tokens_default: int = 1024
     max_best_of: int = 2
+    max_stop_sequence_chars: int = MAX_STOP_SEQUENCE_CHARS
 
 
 def _invalid(message: str) -> ValidationError:
@@ -174,6 +177,12 @@ class Validation:
             )
         if not all(params.stop):
             raise _invalid("`stop` sequences cannot be empty")
+        longest = max((len(stop) for stop in params.stop), default=0)
+        if longest > self._limits.max_stop_sequence_chars:
+            raise _invalid(
+                f"`stop` sequences must be at most {self._limits.max_stop_sequence_chars} "
+                f"characters long. Given: {longest}"
+            )
         return params.stop
 
     def _top_n_tokens(self, params: GenerateParameters) -> int:
@@ -252,9 +261,11 @@ def grammar_spec(grammar: GrammarParameter) -> GrammarSpec:
     schema = grammar.value
     if isinstance(schema, str):
         try:
-            schema = json.loads(schema)
-        except ValueError as error:
-            raise _invalid(f"grammar is not valid: the JSON schema is not JSON: {error}") from None
+            schema = json_input.loads(schema)
+        except json_input.JsonInputError as error:
+            raise _invalid(
+                f"grammar is not valid: the JSON schema is not JSON: {error.detail}"
+            ) from None
     if not isinstance(schema, (dict, bool)):
         raise _invalid("grammar is not valid: a JSON schema must be an object")
     return GrammarSpec.json_schema(schema)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,10 +21,19 @@ from starlette.types import Receive, Scope, Send
 
 from textgen.router.best_of import pick_best
 from textgen.router.client import ShardClient
-from textgen.router.errors import PayloadTooLargeError, RouterError, UnhealthyError, ValidationError
-from textgen.router.generate_request import GenerateRequest, loads, parse_request
+from textgen.router.errors import (
+    PayloadTooLargeError,
+    RouterError,
+    UnhealthyError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+)
+from textgen.router.generate_request import GenerateRequest, parse_request
+from textgen.router.http.errors import error_response, unexpected_error
+from textgen.router.http.guard import AccessPolicy, Lifecycle, middleware
 from textgen.router.http.responses import generate_json, sse, stream_json, tokenize_json
 from textgen.router.infer import Infer
+from textgen.router.json_input import loads
 from textgen.router.metrics import render
 from textgen.router.request import Entry, StreamEvent
 from textgen.router.scheduler import Scheduler
@@ -48,13 +58,19 @@ class RouterState:
     compat_return_full_text: bool = True
     """`POST /`'s default for return_full_text: TGI's is true for text-generation models."""
     detector: Detector | None = None
-
-
-def error_response(error: RouterError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+    stream_keepalive_s: float = 10.0
+    """An SSE stream silent this long (queued, or a slow step) gets a comment line."""
 
 
 async def read_json(request: Request, limit: int) -> Any:
+    """The body of a JSON route: declared JSON, at most `limit` bytes, and usable (json_input).
+
+    NOTE: a body not declared `application/json` is refused (415) before it is read: a
+    browser sends `text/plain` cross-origin without a CORS preflight, so accepting it would
+    let any web page spend the compute of a server its visitors can reach.
+    """
+    if not _declared_json(request.headers.get("content-type", "")):
+        raise UnsupportedMediaTypeError("Expected request with `Content-Type: application/json`")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"Request body is larger than {limit} bytes")
@@ -64,6 +80,13 @@ async def read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise PayloadTooLargeError(f"Request body is larger than {limit} bytes")
     return loads(bytes(body))
+
+
+def _declared_json(content_type: str) -> bool:
+    """`application/json` or `application/<anything>+json`, with any parameters."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = mime.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def _state(request: Request) -> RouterState:
@@ -106,7 +129,7 @@ async def _handle(request: Request, stream: bool | None) -> Response:
     except RouterError as error:
         return error_response(error)
     if stream:
-        return EntryStream(_events(state.infer, entries[0]), state.infer, entries)
+        return EntryStream(_events(state.infer, entries[0]), state, entries)
     return await _complete(request, state.infer, entries, as_list)
 
 
@@ -161,13 +184,15 @@ class EntryStream(StreamingResponse):
     scheduler drops them at its next step and frees their blocks.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], infer: Infer, entries: list[Entry]) -> None:
+    def __init__(
+        self, chunks: AsyncIterator[bytes], state: RouterState, entries: list[Entry]
+    ) -> None:
         super().__init__(
-            chunks,
+            keep_alive(chunks, state.stream_keepalive_s),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._infer = infer
+        self._infer = state.infer
         self._entries = entries
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -178,6 +203,38 @@ class EntryStream(StreamingResponse):
         finally:
             for entry in self._entries:
                 self._infer.finish(entry)
+
+
+KEEP_ALIVE = b": keep-alive\n\n"
+"""An SSE comment: clients skip it; proxies see a live connection."""
+
+
+async def keep_alive(chunks: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """`chunks`, with KEEP_ALIVE whenever none has come for `interval_s` seconds.
+
+    A request queued behind others sends nothing until its first token, and
+    proxies and load balancers close connections idle for 30 to 60 s.
+    """
+    iterator = aiter(chunks)
+    upcoming = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait({upcoming}, timeout=interval_s)
+            if not done:
+                yield KEEP_ALIVE
+                continue
+            try:
+                chunk = upcoming.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+            upcoming = asyncio.ensure_future(anext(iterator))
+    finally:
+        if not upcoming.done():
+            upcoming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await upcoming
+        await iterator.aclose()
 
 
 async def _events(infer: Infer, entry: Entry) -> AsyncIterator[bytes]:
@@ -264,7 +321,10 @@ async def metrics(request: Request) -> Response:
 
 def build_app(
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+    policy: AccessPolicy | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> Starlette:
+    """The routes behind the middleware of `policy` (guard.py); errors in each route's shape."""
     routes = [
         Route("/", compat_generate, methods=["POST"]),
         Route("/generate", generate, methods=["POST"]),
@@ -278,4 +338,9 @@ def build_app(
     from textgen.router.http.openai import openai_routes  # it imports this module
 
     routes += openai_routes()
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware(policy or AccessPolicy(), lifecycle or Lifecycle()),
+        exception_handlers={Exception: unexpected_error},
+    )

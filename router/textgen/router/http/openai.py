@@ -22,7 +22,8 @@ from starlette.routing import Route
 
 from textgen.router.chat import ChatError, ChatTemplate
 from textgen.router.errors import RouterError, ValidationError
-from textgen.router.http.app import EntryStream, RouterState, error_response, read_json
+from textgen.router.http.app import EntryStream, RouterState, read_json
+from textgen.router.http.errors import error_json, error_response, openai_error
 from textgen.router.infer import Infer
 from textgen.router.openai_request import Plan, chat_plan, completion_plan, tool_names
 from textgen.router.openai_response import (
@@ -42,15 +43,6 @@ from textgen.router.tool_calls import ToolCall, ToolCallStream, parse_tool_call
 _COMMON_NAMES = {"max_new_tokens": "max_tokens", "ignore_eos_token": "ignore_eos"}
 _CHAT_NAMES = {**_COMMON_NAMES, "inputs": "messages", "top_n_tokens": "top_logprobs"}
 _COMPLETION_NAMES = {**_COMMON_NAMES, "inputs": "prompt", "top_n_tokens": "logprobs"}
-_RETRY_AFTER_S = "1"
-# What the client did wrong; any other status (424 shard failure, 503) is the server's.
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_exceeded",
-}
 
 
 def openai_routes() -> list[Route]:
@@ -66,24 +58,6 @@ def openai_routes() -> list[Route]:
         ),
         Route("/chat_tokenize", chat_tokenize, methods=["POST"]),
     ]
-
-
-# --- errors ---
-
-
-def error_json(error: RouterError, names: dict[str, str] | None = None) -> dict[str, Any]:
-    message, param = error.message, getattr(error, "param", None)
-    for tgi_name, openai_name in (names or {}).items():
-        if f"`{tgi_name}`" in message:
-            message = message.replace(f"`{tgi_name}`", f"`{openai_name}`")
-            param = param or openai_name
-    kind = _ERROR_TYPES.get(error.status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": error.error_type}}
-
-
-def openai_error(error: RouterError, names: dict[str, str] | None = None) -> JSONResponse:
-    headers = {"Retry-After": _RETRY_AFTER_S} if error.status == 429 else None
-    return JSONResponse(error_json(error, names), status_code=error.status, headers=headers)
 
 
 # --- the two completion routes ---
@@ -234,7 +208,7 @@ async def _serve(request: Request, fmt: _Format) -> Response:
     envelope = Envelope.new(kind, fmt.prefix, info["model_id"], _fingerprint(info))
     if plan.stream:
         stream = _chunks(state.infer, entries, plan, fmt, envelope)
-        return EntryStream(stream, state.infer, entries)
+        return EntryStream(stream, state, entries)
     return await _complete(request, state.infer, entries, plan, fmt, envelope)
 
 
