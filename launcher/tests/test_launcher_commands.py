@@ -76,7 +76,44 @@ def test_router_command_with_defaults() -> None:
         "--max-concurrent-requests", "128", "--waiting-served-ratio", "0.3",
         "--max-waiting-tokens", "20", "--max-stop-sequences", "4",
         "--max-top-n-tokens", "5", "--max-best-of", "2", "--payload-limit", "2000000",
+        "--graceful-termination-timeout", "90.0", "--stream-keepalive-interval", "10.0",
     ]  # fmt: skip
+
+
+def test_security_flags_reach_the_router_and_the_key_stays_off_its_command_line() -> None:
+    from textgen.launcher.config import LauncherConfig
+    from textgen.launcher.main import build_parser
+    from textgen.router.main import parse_args
+
+    args = build_parser().parse_args(
+        [
+            "--api-key", "s3cret", "--api-key-file", "/etc/keys",
+            "--cors-allow-origin", "https://a.example,https://b.example",
+            "--cors-allow-origin", "https://c.example",
+            "--graceful-termination-timeout", "5",
+        ]
+    )  # fmt: skip
+    config = LauncherConfig.from_args(args)
+    assert config.cors_allow_origin == [
+        "https://a.example",
+        "https://b.example",
+        "https://c.example",
+    ]
+    argv = make_commands(
+        api_key=config.api_key,
+        api_key_file=config.api_key_file,
+        cors_allow_origin=config.cors_allow_origin,
+        graceful_termination_timeout=config.graceful_termination_timeout,
+    ).router()
+    assert "s3cret" not in " ".join(argv)
+    router = parse_args(argv[argv.index("--model-dir") :])
+    assert router.api_key_file == "/etc/keys"
+    assert router.cors_allow_origins == (
+        "https://a.example",
+        "https://b.example",
+        "https://c.example",
+    )
+    assert router.graceful_termination_timeout == 5.0
 
 
 def test_router_accepts_the_tgi_limits_the_launcher_passes() -> None:

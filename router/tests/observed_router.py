@@ -6,10 +6,11 @@ import json
 
 import httpx
 from prometheus_client import CollectorRegistry
-from router_fakes import CharTokenizer, FakeShard, tokenizer_info
+from router_fakes import CharTokenizer, FakeShard, chat_tokenizer_info
 
 from textgen.router.allocator import BlockAllocator
 from textgen.router.http.app import RouterState, build_app
+from textgen.router.http.guard import AccessPolicy, Lifecycle
 from textgen.router.infer import Infer
 from textgen.router.metrics import make_registry
 from textgen.router.queue import Queue
@@ -23,8 +24,15 @@ MAX_INPUT_TOKENS, MAX_TOTAL_TOKENS = 32, 64
 
 
 @contextlib.asynccontextmanager
-async def observed_router(tracing: RouterTracing | None = None, step_interval_s: float = 0.001):
-    """The router on the fake shard, with metrics (and tracing) wired as main.py does.
+async def observed_router(
+    tracing: RouterTracing | None = None,
+    step_interval_s: float = 0.001,
+    policy: AccessPolicy | None = None,
+    lifecycle: Lifecycle | None = None,
+    stream_keepalive_s: float = 10.0,
+):
+    """The router on the fake shard, with metrics, tracing, the access policy and the
+    drain wired as main.py does.
 
     The shard's decode steps are paced by a ticker so the event loop runs between them.
     """
@@ -38,9 +46,19 @@ async def observed_router(tracing: RouterTracing | None = None, step_interval_s:
     scheduler = Scheduler(shard, queue, allocator, config, metrics, tracing)
     limits = ValidationLimits(MAX_INPUT_TOKENS, MAX_TOTAL_TOKENS, max_stop_sequences=2)
     validation = Validation(CharTokenizer().encode, limits)
-    infer = Infer(validation, queue, tokenizer_info(), 8, metrics, tracing)
+    infer = Infer(validation, queue, chat_tokenizer_info(), 8, metrics, tracing)
     make_registry(queue, scheduler, allocator, registry)
-    state = RouterState(infer, scheduler, shard, {"model_id": "fake"}, 10_000, registry)
+    state = RouterState(
+        infer,
+        scheduler,
+        shard,
+        {"model_id": "fake"},
+        10_000,
+        registry,
+        stream_keepalive_s=stream_keepalive_s,
+    )
+    if lifecycle is not None:
+        lifecycle.abort = infer.abort_all
 
     async def tick() -> None:
         while True:
@@ -55,7 +73,7 @@ async def observed_router(tracing: RouterTracing | None = None, step_interval_s:
         for task in tasks:
             task.cancel()
 
-    inner = build_app(lifespan)
+    inner = build_app(lifespan, policy, lifecycle)
     app = wrap_app(inner, tracing)
     async with lifespan(inner):
         transport = httpx.ASGITransport(app=app)

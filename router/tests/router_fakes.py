@@ -31,6 +31,24 @@ def tokenizer_info() -> TokenizerInfo:
     return TokenizerInfo(CharTokenizer(), frozenset({EOS}), frozenset({EOS}))
 
 
+class ChatCharTokenizer(CharTokenizer):
+    """A character tokenizer whose "chat template" joins the message contents."""
+
+    def __init__(self, chat_template: str | None = "{{ contents }}") -> None:
+        self.chat_template = chat_template
+
+    def __len__(self) -> int:
+        return 128  # ASCII
+
+    def apply_chat_template(self, conversation, tools=None, **kwargs):
+        assert kwargs == {"add_generation_prompt": True, "tokenize": False}
+        return "".join(message["content"] for message in conversation)
+
+
+def chat_tokenizer_info() -> TokenizerInfo:
+    return TokenizerInfo(ChatCharTokenizer(), frozenset({EOS}), frozenset({EOS}))
+
+
 VOCAB_SIZE = 128
 
 
@@ -148,6 +166,9 @@ class FakeShard:
             return None
         self.batches[batch_id] = [i for i in self.batches[batch_id] if i in request_ids]
         return self._cached(batch_id)
+
+    async def health(self) -> None:
+        """Always healthy (the router asks only when no step succeeded lately)."""
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         self.calls.append(("clear", () if batch_id is None else (batch_id,)))

@@ -7,7 +7,7 @@ import json
 import httpx
 import openai
 import pytest
-from router_fakes import EOS, CharTokenizer, FakeShard, grammar_compiler
+from router_fakes import EOS, CharTokenizer, ChatCharTokenizer, FakeShard, grammar_compiler
 
 from textgen.router.allocator import BlockAllocator
 from textgen.router.grammar import GrammarCompiler
@@ -24,20 +24,6 @@ REPLIES = {
     "S": "one two three four",
     "W": '{"name":"w","arguments":{"city":"Rome","days":3}}',
 }
-
-
-class ChatCharTokenizer(CharTokenizer):
-    """A character tokenizer whose "chat template" joins the message contents."""
-
-    def __init__(self, chat_template: str | None = "{{ contents }}") -> None:
-        self.chat_template = chat_template
-
-    def __len__(self) -> int:
-        return 128  # ASCII
-
-    def apply_chat_template(self, conversation, tools=None, **kwargs):
-        assert kwargs == {"add_generation_prompt": True, "tokenize": False}
-        return "".join(message["content"] for message in conversation)
 
 
 @contextlib.asynccontextmanager

@@ -99,6 +99,11 @@ class TextgenCommands:
         argv += _watermark_args(c)
         if c.disable_grammar_support:
             argv.append("--disable-grammar-support")
+        argv += ["--graceful-termination-timeout", str(c.graceful_termination_timeout)]
+        argv += ["--stream-keepalive-interval", str(c.stream_keepalive_interval)]
+        argv += _optional("--api-key-file", c.api_key_file)
+        if c.cors_allow_origin:
+            argv += ["--cors-allow-origin", ",".join(c.cors_allow_origin)]
         return argv + observability_flags(c)
 
 
@@ -110,7 +115,7 @@ def observability_flags(c: LauncherConfig) -> list[str]:
     return argv + (["--json-output"] if c.json_output else [])
 
 
-def _optional(flag: str, value: int | str | None) -> list[str]:
+def _optional(flag: str, value: int | str | Path | None) -> list[str]:
     return [] if value is None else [flag, str(value)]
 
 

@@ -72,6 +72,14 @@ FLAG_HELP = {
     "watermark_key": "secret seeding the green lists; default: a public constant (see README)",
     "watermark_z_threshold": "z-score above which /watermark/detect says watermarked; default: 4.0",
     "disable_grammar_support": "refuse grammar, response_format and tools (422)",
+    "api_key": "the key requests must carry (Authorization: Bearer, or x-api-key); prefer"
+    " the TEXTGEN_API_KEY environment variable or --api-key-file: a flag shows in `ps`",
+    "api_key_file": "file of API keys, one per line (# starts a comment); any of them is accepted",
+    "cors_allow_origin": "web origins allowed to call the server, comma-separated or repeated"
+    " (* for any); default: none, no CORS headers",
+    "graceful_termination_timeout": "seconds requests in flight may run after SIGTERM before"
+    " they are ended with an error",
+    "stream_keepalive_interval": "seconds of silence after which a stream gets an SSE comment",
 }
 FLAG_CHOICES = {"dtype": DTYPES, "kv_cache_dtype": KV_CACHE_DTYPES}
 
@@ -113,6 +121,11 @@ class LauncherConfig:
     watermark_key: str | None = None
     watermark_z_threshold: float | None = None
     disable_grammar_support: bool = False
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    cors_allow_origin: list[str] | None = None
+    graceful_termination_timeout: float = 90.0
+    stream_keepalive_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if self.num_shard < 1:
@@ -126,6 +139,12 @@ class LauncherConfig:
             raise ConfigError("--kv-cache-memory-gib must be > 0")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.graceful_termination_timeout < 0 or self.stream_keepalive_interval <= 0:
+            raise ConfigError(
+                "--graceful-termination-timeout must be >= 0 and --stream-keepalive-interval > 0"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key must not be empty")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
         self._check_positive()
@@ -179,8 +198,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
         kind = _value_type(hints[f.name])
+        if typing.get_origin(kind) is list:  # repeated, and each value comma-separated
+            parser.add_argument(flag, type=_comma_list, action="extend", help=help_text)
+            continue
         choices = FLAG_CHOICES.get(f.name)
         parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _value_type(hint: Any) -> type:

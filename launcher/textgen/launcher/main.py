@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -27,10 +28,12 @@ from textgen.launcher.model import (
 )
 from textgen.launcher.parallel import free_port, threads_per_shard
 from textgen.launcher.supervisor import Supervisor, SupervisorConfig
+from textgen.router.config import API_KEY_ENV
 
 logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
+ROUTER_EXIT_MARGIN_S = 30.0
 EXIT_INTERRUPTED = 130
 
 
@@ -73,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(err, EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
-    supervisor_config = SupervisorConfig(config.num_shard, config.shard_uds_path)
+    if config.api_key is not None:
+        # NOTE: the router reads its key from the environment it inherits, not from its argv,
+        # which every user of the machine can read.
+        os.environ[API_KEY_ENV] = config.api_key.strip()
+    supervisor_config = SupervisorConfig(
+        config.num_shard,
+        config.shard_uds_path,
+        # The router drains for up to the grace period, then ends what is left and exits.
+        router_stop_timeout_s=config.graceful_termination_timeout + ROUTER_EXIT_MARGIN_S,
+    )
     return Supervisor(supervisor_config, commands).run()
 
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from textgen.router.watermark import DEFAULT_WATERMARK_KEY, WatermarkConfig
 
+API_KEY_ENV = "TEXTGEN_API_KEY"
+"""One API key, from the environment: a flag's value is visible to every user in `ps`."""
+
 
 @dataclass(frozen=True)
 class RouterConfig:

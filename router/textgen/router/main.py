@@ -22,7 +22,7 @@ from textgen.proto import generate_pb2 as pb
 from textgen.router import __version__
 from textgen.router.allocator import BlockAllocator
 from textgen.router.client import ShardClient
-from textgen.router.config import RouterConfig
+from textgen.router.config import API_KEY_ENV, RouterConfig
 from textgen.router.grammar import GrammarCompiler, GrammarConfig
 from textgen.router.http.app import RouterState, build_app
 from textgen.router.http.guard import AccessPolicy, Lifecycle, read_key_file
@@ -255,10 +255,6 @@ def main(argv: list[str] | None = None) -> None:
         config.graceful_termination_timeout,
     )
     server.run()
-
-
-API_KEY_ENV = "TEXTGEN_API_KEY"
-"""One API key, from the environment (a flag's value is visible to every user in `ps`)."""
 
 
 def access_policy(config: RouterConfig) -> AccessPolicy:
