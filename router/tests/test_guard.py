@@ -4,11 +4,14 @@ import asyncio
 import json
 import logging
 
+import httpx
 import pytest
 from observed_router import observed_router
 
 from textgen.router import logs
 from textgen.router.errors import OverloadedError
+from textgen.router.http import app as http_app
+from textgen.router.http import openai as http_openai
 from textgen.router.http.app import KEEP_ALIVE, keep_alive
 from textgen.router.http.guard import AccessPolicy, HeadLimits, Lifecycle, read_key_file
 
@@ -233,3 +236,23 @@ async def test_a_flood_of_429s_is_logged_once_per_interval(monkeypatch, caplog):
     assert [record.levelname for record in lines] == ["WARNING", "WARNING"]
     assert "refused 499 more request(s)" in lines[1].getMessage()
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_an_unexpected_exception_is_a_json_500_in_the_route_shape(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(http_app, "token_spans", broken)
+    monkeypatch.setattr(http_openai, "chat_plan", broken)
+    async with observed_router() as (_, app, _):
+        # Starlette re-raises after answering, for the server's log; the client has its answer.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            tgi = await client.post("/tokenize", json={"inputs": "Hi"})
+            openai = await client.post("/v1/chat/completions", json=CHAT)
+            after = await client.post("/generate", json=GENERATE)
+    assert tgi.status_code == openai.status_code == 500
+    assert tgi.json() == {"error": "Internal server error (RuntimeError)", "error_type": "internal"}
+    assert openai.json()["error"]["type"] == "server_error"
+    assert openai.json()["error"]["message"] == "Internal server error (RuntimeError)"
+    assert after.status_code == 200
