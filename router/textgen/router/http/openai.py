@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from textgen.router.chat import ChatError, ChatTemplate
 from textgen.router.errors import RouterError, ValidationError
-from textgen.router.http.app import EntryStream, RouterState, read_json
+from textgen.router.http.app import EntryStream, RouterState, cancel_on_disconnect, read_json
 from textgen.router.http.errors import error_json, error_response, openai_error
 from textgen.router.infer import Infer
 from textgen.router.openai_request import Plan, chat_plan, completion_plan, tool_names
@@ -267,7 +267,7 @@ async def _complete(
     fmt: _Format,
     envelope: Envelope,
 ) -> Response:
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, entries))
+    watcher = asyncio.create_task(cancel_on_disconnect(request, entries))
     choices = [Choice(index) for index in range(len(entries))]
     try:
         async for index, event in _merged(infer, entries):
@@ -288,15 +288,6 @@ async def _complete(
 def _prompt_lengths(entries: list[Entry], plan: Plan) -> list[int]:
     """Input length of each distinct prompt: the n choices of a prompt count it once."""
     return [entry.request.input_len for entry in entries[:: plan.n]]
-
-
-async def _cancel_on_disconnect(request: Request, entries: list[Entry]) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            for entry in entries:
-                entry.cancel()
-            return
 
 
 # --- streaming ---
