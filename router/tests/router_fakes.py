@@ -98,6 +98,13 @@ class FakeShard:
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
     """(request id, cache_len, tokens computed) of every prompt a prefill computed."""
     prefilled: dict[int, int] = field(default_factory=dict)
+    block_size: int = 4
+    kv: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """What each KV slot holds, as a real cache would: the tokens up to its position. A
+    prefill that starts past position 0 (a later chunk, or a prefix-cache hit) checks that
+    every slot it reads holds its own prompt's tokens: a wrong shared block fails here."""
+    sequences: dict[int, tuple[tuple[int, ...], list[int]]] = field(default_factory=dict)
+    """Request id -> its blocks and tokens (prompt, then those generated)."""
 
     async def prefill(
         self,
@@ -115,10 +122,19 @@ class FakeShard:
             await self.gate.acquire()
         complete = []
         for request in batch.requests:
-            assert request.cache_len == self.prefilled.get(request.id, 0), "chunks out of order"
+            if request.id in self.prefilled:  # else a first chunk, maybe after a cached prefix
+                assert request.cache_len == self.prefilled[request.id], "chunks out of order"
+            assert request.cache_len < len(request.input_ids), "a prompt token must be computed"
+            tokens = list(request.input_ids)
+            for position in range(request.cache_len):
+                held = self.kv.get(self._slot(request.blocks, position))
+                assert held == tuple(tokens[: position + 1]), f"request {request.id} read a slot"
             end = len(request.input_ids)
             if request.chunk_len:
                 end = min(end, request.cache_len + request.chunk_len)
+            for position in range(request.cache_len, end):
+                self.kv[self._slot(request.blocks, position)] = tuple(tokens[: position + 1])
+            self.sequences[request.id] = (tuple(request.blocks), tokens)
             self.chunks.append((request.id, request.cache_len, end - request.cache_len))
             self.prefilled[request.id] = end
             if end == len(request.input_ids):
@@ -127,6 +143,7 @@ class FakeShard:
         if cached_batch is None:
             self.calls.append(("prefill", tuple(ids)))
         else:
+            self._feed(self.batches[cached_batch.id])
             ids = self.batches[cached_batch.id] + ids
             self.calls.append(("mixed", tuple(ids)))
             if self.fail_next_mixed:
@@ -150,6 +167,7 @@ class FakeShard:
             await self.gate.acquire()
         ids = [i for b in batches for i in self.batches.pop(b.id)]
         self.calls.append(("decode", tuple(ids)))
+        self._feed(ids)
         if self.fail_next_decode:
             self.fail_next_decode = False
             raise rpc_error("shard exploded")
@@ -186,10 +204,20 @@ class FakeShard:
             if request_id in masks:
                 token = _allowed(token, masks[request_id])
             self.progress[request_id] = n + 1
+            self.sequences[request_id][1].append(token)
             generations.append(
                 pb.Generation(request_id=request_id, tokens=pb.Tokens(ids=[token], logprobs=[-0.5]))
             )
         return StepResult(generations, self._cached(batch_id), 0, 0)
+
+    def _feed(self, ids: list[int]) -> None:
+        """A decode step writes the KV of each request's last token, at its position."""
+        for request_id in ids:
+            blocks, tokens = self.sequences[request_id]
+            self.kv[self._slot(blocks, len(tokens) - 1)] = tuple(tokens)
+
+    def _slot(self, blocks: Sequence[int], position: int) -> int:
+        return blocks[position // self.block_size] * self.block_size + position % self.block_size
 
     def _cached(self, batch_id: int) -> pb.CachedBatch:
         ids = self.batches[batch_id]

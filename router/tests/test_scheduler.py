@@ -1,5 +1,6 @@
 import asyncio
 import dataclasses
+import random
 
 import pytest
 from router_fakes import FakeShard, tokenizer_info
@@ -23,10 +24,15 @@ def make_entry(request_id: int, prompt: str, max_new_tokens: int = 16, stop=()) 
 
 class Harness:
     def __init__(
-        self, replies: dict[str, str], num_blocks: int = 64, gated: bool = False, grammar=None
+        self,
+        replies: dict[str, str],
+        num_blocks: int = 64,
+        gated: bool = False,
+        grammar=None,
+        prefix_caching: bool = False,
     ):
         self.shard = FakeShard(replies, gate=asyncio.Semaphore(0) if gated else None)
-        self.allocator = BlockAllocator(num_blocks, block_size=4)
+        self.allocator = BlockAllocator(num_blocks, block_size=4, prefix_caching=prefix_caching)
         self.queue = Queue(self.allocator)
         config = SchedulerConfig(
             max_batch_prefill_tokens=64,
@@ -369,4 +375,105 @@ async def test_a_steps_tokens_reach_the_streams_after_the_next_step_is_sent():
     # The prefill gave "a", the decodes "b", "c", "d" and EOS: each decode was sent while
     # the token before it was still held back (0, 1, 2, 3 events queued, never one more).
     assert events_at_send == [0, 1, 2, 3]
+    h.close()
+
+
+async def test_a_budget_spent_exactly_leaves_the_next_prompt_for_the_next_step():
+    """A prompt that would get a chunk of 0 tokens is not admitted (the shard reads a
+    chunk_len of 0 as 'the whole prompt')."""
+    h = Harness({"a": "aaa", "b": "bbb"})
+    chunking(h, prefill_tokens=16, chunk_tokens=16)
+    entries = [make_entry(1, "a" * 16), make_entry(2, "b" * 10)]
+    for entry in entries:
+        h.queue.append(entry)
+    assert [await h.result(e) for e in entries] == ["aaa", "bbb"]
+    assert h.shard.chunks[:2] == [(1, 0, 16), (2, 0, 10)]
+    h.close()
+
+
+# --- the prefix cache ---
+
+
+async def test_a_shared_prefix_is_computed_once_and_read_by_later_requests():
+    h = Harness({"s": "ok"}, prefix_caching=True)
+    system = "s" * 13  # 3 full blocks and one token
+    first = make_entry(1, system + "hello", 4)
+    h.queue.append(first)
+    assert await h.result(first) == "ok"
+    second = make_entry(2, system + "world", 4)
+    h.queue.append(second)
+    assert await h.result(second) == "ok"
+    # The second request reads the first's 3 full blocks (12 tokens): the fake shard
+    # checked that each slot holds the second prompt's own tokens.
+    assert h.shard.chunks == [(1, 0, 18), (2, 12, 6)]
+    await h.settle()
+    assert h.allocator.num_used_blocks == 0 and h.allocator.stats().cached_blocks > 0
+    h.close()
+
+
+async def test_a_finished_request_leaves_its_output_for_the_next_chat_turn():
+    h = Harness({"u": "abcdefgh"}, prefix_caching=True)
+    turn = make_entry(1, "u" * 8, 8)
+    h.queue.append(turn)
+    answer = await h.result(turn)
+    # 8 prompt + 8 generated: positions 0..14 have KV (the last token's never came).
+    follow_up = make_entry(2, "u" * 8 + answer + "more", 4)
+    h.queue.append(follow_up)
+    await h.result(follow_up)
+    assert h.shard.chunks[-1] == (2, 12, 8)  # 3 full blocks of the history were computed
+    h.close()
+
+
+async def test_copies_of_one_prompt_admitted_together_compute_it_once():
+    h = Harness({"p": "xy"}, prefix_caching=True)
+    copies = [make_entry(i, "p" * 21, 2) for i in range(1, 5)]
+    for entry in copies:
+        h.queue.append(entry)
+    assert [await h.result(e) for e in copies] == ["xy"] * 4
+    # The first computes all 21 tokens; the others wait one step and compute only the last 1.
+    assert h.shard.chunks == [(1, 0, 21), (2, 20, 1), (3, 20, 1), (4, 20, 1)]
+    h.close()
+
+
+async def test_prompt_logprobs_skip_the_cache():
+    h = Harness({"d": "ok"}, prefix_caching=True)
+    first = make_entry(1, "d" * 12, 2)
+    h.queue.append(first)
+    await h.result(first)
+    details = make_entry(2, "d" * 12, 2)
+    details.request = dataclasses.replace(details.request, decoder_input_details=True)
+    h.queue.append(details)
+    await h.result(details)
+    assert h.shard.chunks[-1] == (2, 0, 12)  # every prompt token's logprob needs its logits
+    h.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_many_requests_over_shared_prefixes_with_chunks_and_eviction(seed):
+    """Prompts from 4 shared prefixes (block-aligned and not), chunked prefill, and a KV
+    cache small enough that cached blocks are evicted: every request gets its script and
+    every cached slot a prefill reads holds that request's own tokens (the fake shard
+    checks each one). Nothing is held at the end."""
+    rng = random.Random(seed)
+    replies = {c: c * rng.randrange(1, 8) for c in "abcd"}
+    h = Harness(replies, num_blocks=40, prefix_caching=True)
+    chunking(h, prefill_tokens=24, chunk_tokens=8)
+    prefixes = [c * n for c, n in zip("abcd", (4, 7, 12, 17), strict=True)]
+    entries = []
+    for request_id in range(60):
+        prompt = rng.choice(prefixes) + "".join(
+            rng.choice("xyz") for _ in range(rng.randrange(1, 9))
+        )
+        entry = make_entry(request_id, prompt, 8)
+        entries.append(entry)
+        h.queue.append(entry)
+        if rng.random() < 0.3:
+            await asyncio.sleep(0)
+    results = [await h.result(entry) for entry in entries]
+    assert results == [replies[e.request.inputs[0]] for e in entries]
+    starts = [start for _, start, _ in h.shard.chunks]
+    assert sum(1 for start in starts if start) > 20  # many prompts started past a cached prefix
+    assert h.allocator.stats().evictions > 0
+    await h.settle()
+    assert h.allocator.num_used_blocks == 0
     h.close()

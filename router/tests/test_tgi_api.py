@@ -21,7 +21,7 @@ from textgen.router.request import (
     Token,
     ValidRequest,
 )
-from textgen.router.scheduler import _to_proto
+from textgen.router.scheduler import PrefillChunk, _to_proto
 from textgen.router.stop import StopSequenceMatcher
 
 HTTP = "http"  # the stream answers with the same HTTP error as /generate
@@ -334,5 +334,5 @@ def test_min_new_tokens_and_watermark_reach_the_shard():
     marked, unmarked = Entry(1, request, tokenizer_info()), Entry(2, plain, tokenizer_info())
     for entry in (marked, unmarked):
         entry.allocation = allocator.allocate(entry.request.max_total_tokens)
-    assert _to_proto(marked, keyed).watermark == keyed
-    assert not _to_proto(unmarked, keyed).HasField("watermark")
+    assert _to_proto(PrefillChunk(marked, 0, 1), keyed).watermark == keyed
+    assert not _to_proto(PrefillChunk(unmarked, 0, 1), keyed).HasField("watermark")

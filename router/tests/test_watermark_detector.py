@@ -11,7 +11,7 @@ from router_fakes import tokenizer_info
 from textgen.router.allocator import BlockAllocator
 from textgen.router.errors import ValidationError
 from textgen.router.request import Entry
-from textgen.router.scheduler import _to_proto
+from textgen.router.scheduler import PrefillChunk, _to_proto
 from textgen.router.validation import Validation, ValidationLimits
 from textgen.router.watermark import (
     DEFAULT_WATERMARK_KEY,
@@ -157,7 +157,9 @@ async def test_parameters_watermark_reaches_the_shard_with_the_routers_key():
     for watermark in (True, False):
         entry = Entry(len(requests), await validate({"watermark": watermark}), tokenizer_info())
         entry.allocation = allocator.allocate(entry.request.max_total_tokens)
-        requests.append(_to_proto(entry, config.to_proto()))
+        requests.append(
+            _to_proto(PrefillChunk(entry, 0, entry.request.input_len), config.to_proto())
+        )
     marked, plain = requests
     assert marked.HasField("watermark") and not plain.HasField("watermark")
     assert (marked.watermark.key, marked.watermark.gamma, marked.watermark.delta) == (

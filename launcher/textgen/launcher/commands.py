@@ -99,6 +99,8 @@ class TextgenCommands:
         argv += _watermark_args(c)
         if c.disable_grammar_support:
             argv.append("--disable-grammar-support")
+        if not c.prefix_caching:
+            argv.append("--no-prefix-caching")
         argv += ["--graceful-termination-timeout", str(c.graceful_termination_timeout)]
         argv += ["--stream-keepalive-interval", str(c.stream_keepalive_interval)]
         argv += _optional("--api-key-file", c.api_key_file)

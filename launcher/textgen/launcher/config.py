@@ -49,6 +49,8 @@ FLAG_HELP = {
     "max_waiting_tokens": "decode steps a waiting request may be postponed",
     "prefill_chunk_tokens": "prompt tokens a step computes while requests decode; longer"
     " prompts are prefilled in chunks over several steps; default: whole prompts",
+    "prefix_caching": "share the KV blocks of prompt prefixes between requests (a radix tree"
+    " of blocks in the router, least recently used evicted when room is needed)",
     "max_stop_sequences": "stop sequences per request",
     "max_top_n_tokens": "largest top_n_tokens a request may ask for",
     "max_best_of": "largest best_of a request may ask for (1 turns best_of off)",
@@ -101,6 +103,7 @@ class LauncherConfig:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     prefill_chunk_tokens: int | None = None
+    prefix_caching: bool = True
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_best_of: int = 2
@@ -191,8 +194,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(LauncherConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = FLAG_HELP[f.name]
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action="store_true", help=help_text)
+        if hints[f.name] is bool:  # off by default: --flag; on by default: --flag / --no-flag
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(flag, action=action, default=f.default, help=help_text)
             continue
         if hints[f.name] == bool | None:  # --flag / --no-flag; None: the default's rule
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

@@ -33,6 +33,8 @@ class RouterConfig:
     max_waiting_tokens: int = 20
     prefill_chunk_tokens: int | None = None
     """Prompt tokens a step computes while requests decode (chunked prefill); None: off."""
+    prefix_caching: bool = True
+    """Share the KV blocks of prompt prefixes between requests (`--no-prefix-caching`: off)."""
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     """Largest `top_n_tokens` a request may ask for (TGI's default)."""

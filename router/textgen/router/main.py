@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         flag = "--" + field.name.replace("_", "-")
         kind = field.type if isinstance(field.type, str) else field.type.__name__
         if kind == "bool":
-            parser.add_argument(flag, action="store_true", default=field.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         elif field.default is dataclasses.MISSING:
             parser.add_argument(flag, required=True)
         else:
@@ -86,7 +86,7 @@ async def start(config: RouterConfig, tracing: RouterTracing | None = None) -> R
             max_batch_size=config.max_batch_size or 0,
         )
     )
-    allocator = BlockAllocator(num_blocks, shard_info.block_size)
+    allocator = BlockAllocator(num_blocks, shard_info.block_size, config.prefix_caching)
     max_batch_total_tokens = _max_batch_total_tokens(config, allocator)
     logger.info(
         "warmup done in %.1fs: %d KV blocks of %d tokens, max_batch_total_tokens=%d",
@@ -196,6 +196,8 @@ def _info(config: RouterConfig, shard: pb.InfoResponse, max_batch_total_tokens: 
         "max_waiting_tokens": config.max_waiting_tokens,
         "max_batch_size": config.max_batch_size,
         "waiting_served_ratio": config.waiting_served_ratio,
+        "prefix_caching": config.prefix_caching,
+        "prefill_chunk_tokens": config.prefill_chunk_tokens,
         "validation_workers": 1,
         "max_client_batch_size": 1,
         "router": "textgen-router",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from textgen.router.allocator import BlockAllocator
@@ -21,7 +21,7 @@ class LiveStateCollector(Collector):
         self._scheduler = scheduler
         self._allocator = allocator
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield GaugeMetricFamily("tgi_queue_size", "Requests waiting", value=len(self._queue))
         yield GaugeMetricFamily(
             "tgi_batch_current_size", "Requests in the running batch", self._scheduler.num_running
@@ -35,7 +35,25 @@ class LiveStateCollector(Collector):
             "textgen_kv_blocks_used", "KV blocks held by requests", self._allocator.num_used_blocks
         )
         yield GaugeMetricFamily(
-            "textgen_kv_blocks_free", "KV blocks free", self._allocator.num_free_blocks
+            "textgen_kv_blocks_free",
+            "KV blocks an allocation can take (free, or cached and held by no request)",
+            self._allocator.num_free_blocks,
+        )
+        stats = self._allocator.stats()
+        yield GaugeMetricFamily(
+            "textgen_prefix_cache_blocks",
+            "KV blocks named by the prefix cache",
+            stats.cached_blocks,
+        )
+        yield GaugeMetricFamily(
+            "textgen_prefix_cache_evictable_blocks",
+            "Cached KV blocks no request holds (evicted, least recently used first, for room)",
+            stats.evictable_blocks,
+        )
+        yield CounterMetricFamily(
+            "textgen_prefix_cache_evictions",
+            "Cached KV blocks evicted to make room",
+            stats.evictions,
         )
 
 

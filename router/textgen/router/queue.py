@@ -53,28 +53,45 @@ class Queue:
         first prompt that does not fit the prefill budget is taken too (all of its
         blocks reserved) when it can be prefilled in chunks, or whole and alone when
         it cannot (`whole_prompt_tokens`); either way it goes last.
+
+        Prefix cache: each request is matched against the cache first; its cached
+        blocks are shared, `entry.prefilled` starts after them, and only the rest
+        counts against the prefill and KV budgets. A request whose next uncached
+        block another request of this batch computes waits for the next step,
+        which will find that block cached (the `n` copies of a prompt, or users
+        sending one system prompt at once, compute it once).
         """
         self._drop_cancelled()
         batch: list[Entry] = []
         prefill_tokens = total_tokens = 0
+        computing: set[int] = set()
         for entry in self._entries:
             request = entry.request
             if budget.max_size is not None and len(batch) >= budget.max_size:
                 break
-            partial = prefill_tokens + request.input_len > budget.prefill_tokens
+            cached = self._cached_prefix(entry)
+            chain = self._block_chain(entry, len(cached))
+            if chain and chain[0] in computing:
+                break
+            cached_tokens = len(cached) * self._allocator.block_size
+            new_tokens = request.input_len - cached_tokens
+            partial = prefill_tokens + new_tokens > budget.prefill_tokens
+            if partial and batch and prefill_tokens >= budget.prefill_tokens:
+                break  # the budget is spent: not even a chunk of this prompt fits
             if partial and not (chunked and chunkable(entry)):
                 alone = not batch and chunked and budget.whole_prompt_tokens is not None
-                if not (alone and request.input_len <= budget.whole_prompt_tokens):
+                if not (alone and new_tokens <= budget.whole_prompt_tokens):
                     break
-            if budget.total_tokens is not None and (
-                total_tokens + request.max_total_tokens > budget.total_tokens
-            ):
+            kv_tokens = request.max_total_tokens - cached_tokens
+            if budget.total_tokens is not None and total_tokens + kv_tokens > budget.total_tokens:
                 break
-            if not self._allocator.can_allocate(request.max_total_tokens):
+            if not self._allocator.can_allocate(request.max_total_tokens, cached):
                 break
-            entry.allocation = self._allocator.allocate(request.max_total_tokens)
-            prefill_tokens += request.input_len
-            total_tokens += request.max_total_tokens
+            entry.allocation = self._allocator.allocate(request.max_total_tokens, cached)
+            entry.prefilled = cached_tokens
+            prefill_tokens += new_tokens
+            total_tokens += kv_tokens
+            computing.update(chain)
             batch.append(entry)
             if partial:
                 break
@@ -86,11 +103,33 @@ class Queue:
         self._update_event()
         return batch
 
+    def _cached_prefix(self, entry: Entry) -> tuple[int, ...]:
+        """The cached blocks the request may share: at least its last prompt token is left
+        to compute (its logits start the generation); none when every prompt token's
+        logprob is wanted (decoder_input_details: the prompt is computed whole)."""
+        if not chunkable(entry):
+            return ()
+        request = entry.request
+        return self._allocator.lookup(request.input_ids, request.input_len - 1)
+
+    def _block_chain(self, entry: Entry, start: int) -> list[int]:
+        """A key for each full prompt block from block `start` on, naming the block with
+        everything before it (equal keys: the same KV)."""
+        if not self._allocator.prefix_caching:
+            return []
+        ids, bs = entry.request.input_ids, self._allocator.block_size
+        keys, key = [], hash(tuple(ids[: start * bs]))
+        for index in range(start, (len(ids) - 1) // bs):
+            key = hash((key, ids[index * bs : (index + 1) * bs]))
+            keys.append(key)
+        return keys
+
     def _release(self, batch: list[Entry]) -> None:
         for entry in batch:
             if entry.allocation is not None:
                 self._allocator.free(entry.allocation)
                 entry.allocation = None
+                entry.prefilled = 0
 
     def _drop_cancelled(self) -> None:
         if any(entry.cancelled for entry in self._entries):

@@ -156,9 +156,8 @@ class Entry:
         self.events: asyncio.Queue[StreamEvent | RouterError] = asyncio.Queue()
         self.allocation: BlockAllocation | None = None
         self.prefilled = 0
-        """Prompt tokens already in the KV cache (chunked prefill)."""
-        self.chunk = 0
-        """Prompt tokens the current prefill step computes."""
+        """Prompt tokens already in the KV cache: shared from the prefix cache, or computed."""
+        self.generated_ids: list[int] = []
         self.timings = Timings()
         self.cancelled = False
         self.finished = False
@@ -195,6 +194,7 @@ class Entry:
         if self.num_generated == 0:
             self.timings.first_token = now
         self.num_generated += 1
+        self.generated_ids.append(token_id)
         token = self.info.token(token_id, self._detokenizer.step(token_id), logprob)
         if self.guide is not None and not self.guide.accept(token_id):
             # Only a shard that ignored the mask gets here: never return text the grammar refuses.
@@ -216,6 +216,13 @@ class Entry:
         else:
             self.events.put_nowait(event)
         return event
+
+    def computed_tokens(self) -> tuple[list[int], int]:
+        """The request's token sequence and how many of its positions have KV computed:
+        the prompt's as far as prefilled, then every generated token but the last (its
+        KV is written by the step that feeds it)."""
+        tokens = [*self.request.input_ids, *self.generated_ids]
+        return tokens, self.prefilled + max(self.num_generated - 1, 0)
 
     def release(self) -> None:
         """Queue the events held back, in order (waking the handler that streams them)."""

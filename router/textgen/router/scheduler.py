@@ -73,6 +73,36 @@ class SchedulerConfig:
     """Key, gamma and delta sent with requests that ask for `watermark`."""
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """What one request's prompt computes in a step: positions `start` to `start + length`."""
+
+    entry: Entry
+    start: int
+    """Prompt tokens already in the KV cache: shared from the prefix cache or computed by
+    earlier chunks (the shard's `cache_len`)."""
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.length >= self.entry.request.input_len
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The prompt work of one step: every chunk it computes, continued chunks first.
+
+    `newcomers` left the queue for this step, their blocks allocated (cached ones first).
+    """
+
+    chunks: tuple[PrefillChunk, ...]
+    newcomers: tuple[Entry, ...]
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [chunk.entry for chunk in self.chunks]
+
+
 @dataclass
 class RunningBatch:
     """A batch cached on the shards and the entries of its requests, in the same set."""
@@ -85,6 +115,10 @@ class RunningBatch:
     @property
     def max_tokens(self) -> int:
         return sum(entry.request.max_total_tokens for entry in self.entries.values())
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(kv_tokens(entry) for entry in self.entries.values())
 
 
 class Scheduler:
@@ -131,16 +165,16 @@ class Scheduler:
         while True:
             self.num_running = len(running.entries) if running is not None else 0
             self.current_max_tokens = running.max_tokens if running is not None else 0
-            entries, newcomers = self._next_prefill(running, waiting_steps)
-            if entries:
+            plan = self._next_prefill(running, waiting_steps)
+            if plan.chunks:
                 reason = None
                 if running is not None:
                     waited_out = waiting_steps >= self._config.max_waiting_tokens
                     reason = "wait_exceeded" if waited_out else "backpressure"
                     running = await self._drop_done(running)
                 # NOTE: queued requests wait on while only continued chunks run.
-                waiting_steps = 0 if newcomers else waiting_steps + 1
-                running = await self._prefill(entries, newcomers, reason, running)
+                waiting_steps = 0 if plan.newcomers else waiting_steps + 1
+                running = await self._prefill(plan, reason, running)
             elif running is not None:
                 running = await self._decode(running)
                 waiting_steps += 1
@@ -152,39 +186,36 @@ class Scheduler:
         self.current_max_tokens = 0
         return stepped
 
-    def _next_prefill(
-        self, running: RunningBatch | None, waiting_steps: int
-    ) -> tuple[list[Entry], list[Entry]]:
-        """The next step's prompt work (continued chunks first) and the newcomers among it.
-
-        Sets each entry's `chunk`: the prompt tokens it computes in the step.
-        """
+    def _next_prefill(self, running: RunningBatch | None, waiting_steps: int) -> StepPlan:
+        """The next step's prompt work: continued chunks first, then newcomers from the queue."""
         budget = self._budget(running, waiting_steps)
         tokens = budget.prefill_tokens
-        continued = []
+        chunks = []
         for entry in list(self._prefilling):
             if entry.cancelled:
                 self._prefilling.remove(entry)
                 self._release(entry)
             elif tokens > 0:
-                entry.chunk = min(entry.request.input_len - entry.prefilled, tokens)
-                tokens -= entry.chunk
-                continued.append(entry)
+                length = min(entry.request.input_len - entry.prefilled, tokens)
+                chunks.append(PrefillChunk(entry, entry.prefilled, length))
+                tokens -= length
         newcomers = []
         if tokens > 0:
             chunked = self._config.prefill_chunk_tokens is not None
             budget = dataclasses.replace(budget, prefill_tokens=tokens)
             newcomers = self._queue.next_batch(budget, chunked) or []
             for entry in newcomers:
-                whole = entry.request.input_len
-                entry.chunk = min(whole, tokens) if chunkable(entry) else whole
-                tokens -= entry.chunk
-        return continued + newcomers, newcomers
+                rest = entry.request.input_len - entry.prefilled  # after its cached blocks
+                length = min(rest, tokens) if chunkable(entry) else rest
+                chunks.append(PrefillChunk(entry, entry.prefilled, length))
+                tokens -= length
+                self._metrics.prefix_cache_used(entry)
+        return StepPlan(tuple(chunks), tuple(newcomers))
 
     def _budget(self, running: RunningBatch | None, waiting_steps: int) -> Budget:
         config = self._config
         total = config.max_batch_total_tokens
-        reserved = sum(entry.request.max_total_tokens for entry in self._prefilling)
+        reserved = sum(kv_tokens(entry) for entry in self._prefilling)
         if total is not None:
             total -= reserved
         if running is None:
@@ -200,7 +231,7 @@ class Scheduler:
         if config.max_batch_size is not None:
             max_size = config.max_batch_size - size - len(self._prefilling)
         if total is not None:
-            total -= running.max_tokens
+            total -= running.kv_tokens
         prefill_tokens = config.max_batch_prefill_tokens
         if config.prefill_chunk_tokens is not None:
             prefill_tokens = min(prefill_tokens, config.prefill_chunk_tokens)
@@ -209,16 +240,13 @@ class Scheduler:
 
     async def _prefill(
         self,
-        entries: list[Entry],
-        newcomers: list[Entry],
+        plan: StepPlan,
         concat_reason: str | None = None,
         running: RunningBatch | None = None,
     ) -> RunningBatch | None:
-        """Prefill `entries` (each its `chunk`); a `running` batch decodes in the same forward.
-
-        `newcomers` are the entries that left the queue for this step.
-        """
+        """Compute the plan's chunks; a `running` batch decodes in the same forward."""
         now = time.monotonic()
+        newcomers, entries = list(plan.newcomers), plan.entries
         for entry in newcomers:
             entry.timings.batched = now
         self._tracing.queued(newcomers)
@@ -226,7 +254,7 @@ class Scheduler:
             self._metrics.batch_formed(len(newcomers), concat_reason)
         batch = pb.Batch(
             id=next(self._batch_ids),
-            requests=[_to_proto(entry, self._watermark) for entry in entries],
+            requests=[_to_proto(chunk, self._watermark) for chunk in plan.chunks],
             size=len(entries),
             max_tokens=sum(entry.request.max_total_tokens for entry in entries),
         )
@@ -247,9 +275,11 @@ class Scheduler:
         delivered = time.monotonic()
         if running is not None:
             self._metrics.tokens_waited(delivered - running.delivered_at, len(running.entries))
-        for entry in entries:
-            entry.prefilled += entry.chunk
-            if entry.prefilled < entry.request.input_len:  # more chunks to come
+        for chunk in plan.chunks:
+            entry = chunk.entry
+            entry.prefilled = chunk.start + chunk.length
+            self._cache_computed(entry)
+            if not chunk.completes_prompt:  # more chunks to come
                 del everyone[entry.id]
                 if entry not in self._prefilling:
                     self._prefilling.append(entry)
@@ -319,7 +349,7 @@ class Scheduler:
             logger.exception("step failed for %d request(s)", len(entries), exc_info=error)
         for entry in entries:
             entry.fail(GenerationError(f"Request failed during generation: {message}"))
-            self._release(entry)
+            self._release(entry, keep=False)
         for batch_id in batch_ids:
             try:
                 await self._client.clear_cache(batch_id)
@@ -351,16 +381,31 @@ class Scheduler:
         assert self._grammar is not None, "validation compiles grammars only when enabled"
         return self._grammar.token_masks(guides)
 
-    def _release(self, entry: Entry) -> None:
+    def _cache_computed(self, entry: Entry) -> None:
+        """Name in the prefix cache the request's full blocks whose KV is computed."""
         if entry.allocation is not None:
+            tokens, computed = entry.computed_tokens()
+            self._allocator.cache(entry.allocation, tokens, computed)
+
+    def _release(self, entry: Entry, keep: bool = True) -> None:
+        """Free the request's blocks; with `keep`, its computed blocks stay in the prefix
+        cache (a request whose step failed keeps nothing)."""
+        if entry.allocation is not None:
+            if keep:
+                self._cache_computed(entry)
             self._allocator.free(entry.allocation)
             entry.allocation = None
 
 
-def _to_proto(entry: Entry, watermark: pb.WatermarkParameters) -> pb.Request:
-    request = entry.request
+def kv_tokens(entry: Entry) -> int:
+    """KV tokens the request may come to hold in blocks of its own (not shared)."""
+    cached = entry.allocation.cached_tokens if entry.allocation is not None else 0
+    return entry.request.max_total_tokens - cached
+
+
+def _to_proto(chunk: PrefillChunk, watermark: pb.WatermarkParameters) -> pb.Request:
+    entry, request = chunk.entry, chunk.entry.request
     assert entry.allocation is not None, "the queue allocates blocks before batching"
-    last_chunk = entry.prefilled + entry.chunk >= request.input_len
     message = pb.Request(
         id=entry.id,
         input_ids=request.input_ids,
@@ -371,8 +416,8 @@ def _to_proto(entry: Entry, watermark: pb.WatermarkParameters) -> pb.Request:
         prefill_logprobs=request.decoder_input_details,
         max_new_tokens=request.stopping.max_new_tokens,
         watermark=watermark if request.watermark else None,
-        cache_len=entry.prefilled,
-        chunk_len=0 if last_chunk else entry.chunk,
+        cache_len=chunk.start,
+        chunk_len=0 if chunk.completes_prompt else chunk.length,
     )
     message.parameters.logit_bias.update(request.logit_bias)
     return message

@@ -189,7 +189,13 @@ class RouterMetrics:
         r.register(self.inter_token_latency)
         self.prefix_cache_hit_tokens = Counter(
             "textgen_prefix_cache_hit_tokens",
-            "Prompt tokens served from the prefix cache (always 0: no prefix cache yet)",
+            "Prompt tokens served from the prefix cache instead of computed",
+            registry=r,
+        )
+        self.prefix_cache_hit_ratio = Histogram(
+            "textgen_prefix_cache_hit_ratio",
+            "Fraction of each admitted request's prompt served from the prefix cache",
+            buckets=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0],
             registry=r,
         )
         phase = Histogram(
@@ -210,6 +216,12 @@ class RouterMetrics:
 
     def request_received(self) -> None:
         self.request_count.inc()
+
+    def prefix_cache_used(self, entry: Entry) -> None:
+        """Once per admitted request: how much of its prompt came from the prefix cache."""
+        cached = entry.allocation.cached_tokens if entry.allocation is not None else 0
+        self.prefix_cache_hit_tokens.inc(cached)
+        self.prefix_cache_hit_ratio.observe(cached / entry.request.input_len)
 
     def request_rejected(self, reason: str) -> None:
         self.request_failure[reason].inc()
