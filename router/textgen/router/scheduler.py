@@ -30,6 +30,16 @@ request decoding the budget is `max_batch_prefill_tokens`, and the last prompt
 that does not fit is chunked too, so a step fills its budget. A prompt that
 cannot be chunked (its prompt logprobs are wanted) goes whole, in a step of its
 own, rather than wait for every decode to end.
+
+Prefix cache (allocator.py): on admission the queue matches each prompt against
+the cache; its cached blocks are shared and the request starts as if those
+tokens were an earlier chunk (`entry.prefilled`), so the step plan, the shard's
+`cache_len` and the budgets (which count only the tokens still to compute and
+the blocks still to fill) treat a cached prefix and a computed chunk alike.
+After every prefill step the blocks it completed are named in the cache, and a
+request that ends leaves the blocks its output filled. A step's work is one
+`StepPlan`: the chunks it computes (continued ones first), each with the
+position it starts from.
 """
 
 from __future__ import annotations
