@@ -19,16 +19,18 @@ FIRST_TOKEN_DELAY_S = 0.02
 TOKEN_DELAY_S = 0.002
 
 
-def make_app(fail_odd_requests: str | None = None) -> Starlette:
+def make_app(fail_odd_requests: str | None = None, received: list | None = None) -> Starlette:
     """Streams `max_new_tokens` tokens per request.
 
     fail_odd_requests: None, "http" (status 500) or "event" (an error event after one
-    token) for the 2nd, 4th, ... request the app receives.
+    token) for the 2nd, 4th, ... request the app receives. `received` collects the bodies.
     """
     request_numbers = itertools.count()
+    received = received if received is not None else []
 
     async def generate_stream(request: Request) -> Response:
         body = await request.json()
+        received.append(body)
         fails = next(request_numbers) % 2 == 1 and fail_odd_requests is not None
         if fails and fail_odd_requests == "http":
             return JSONResponse({"error": "boom", "error_type": "generation"}, status_code=500)

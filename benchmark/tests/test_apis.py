@@ -34,8 +34,8 @@ def _tgi_token(generated_text: str | None) -> str:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (_tgi_token(None), StreamEvent(has_token=True)),
-        (_tgi_token("a b"), StreamEvent(has_token=True, done=True)),
+        (_tgi_token(None), StreamEvent(has_token=True, text=" a")),
+        (_tgi_token("a b"), StreamEvent(has_token=True, done=True, text=" a")),
         ('{"error": "oom", "error_type": "generation"}', StreamEvent(error="generation: oom")),
     ],
 )
@@ -46,7 +46,7 @@ def test_tgi_parse_event(data, expected):
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ('{"choices": [{"index": 0, "text": " a"}]}', StreamEvent(has_token=True)),
+        ('{"choices": [{"index": 0, "text": " a"}]}', StreamEvent(has_token=True, text=" a")),
         ('{"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}', StreamEvent()),
         ('{"choices": [], "usage": {"completion_tokens": 9}}', StreamEvent(usage_tokens=9)),
         ("[DONE]", StreamEvent(done=True)),

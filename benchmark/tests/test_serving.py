@@ -78,3 +78,35 @@ async def test_progress_counts_requests_on_a_terminal(fake_server):
     with fake_server() as url:
         await run_serving(_config(url, concurrency=(2,)), progress_stream=stderr)
     assert stderr.getvalue().endswith("\rconcurrency 2: 4/4 done, 0 failed\n")
+
+
+async def test_a_shared_prefix_starts_every_prompt(fake_server):
+    received = []
+    with fake_server(received=received) as url:
+        config = _config(url, concurrency=(2,), num_requests=4, shared_prefix_tokens=50)
+        [summary] = await run_serving(config, progress_stream=io.StringIO())
+    assert summary.num_ok == 4
+    prompts = [body["inputs"] for body in received]
+    prefix = prompts[0].split("\n")[0]
+    assert len(prefix.split()) == 50 and all(p.startswith(prefix + "\n") for p in prompts)
+    assert len(set(prompts)) == len(prompts)  # the rest differs
+
+
+async def test_chat_users_resend_their_history_every_turn(fake_server):
+    received = []
+    with fake_server(received=received) as url:
+        config = _config(url, concurrency=(3,), chat_turns=4, warmup=0)
+        [summary] = await run_serving(config, progress_stream=io.StringIO())
+    assert summary.num_ok == 12  # 3 users x 4 turns
+    prompts = [body["inputs"] for body in received]
+    answer = "".join(f" w{i}" for i in range(MAX_NEW_TOKENS))  # what the fake server says
+    firsts = [p for p in prompts if p.count("User:") == 1]
+    assert len(firsts) == 3
+    for first in firsts:
+        turn = first
+        for number in range(2, 5):  # each later turn holds the previous one and its answer
+            (turn,) = [
+                p
+                for p in prompts
+                if p.startswith(turn + answer + "\nUser: ") and p.count("User:") == number
+            ]

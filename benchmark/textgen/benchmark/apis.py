@@ -16,6 +16,7 @@ class StreamEvent:
     done: bool = False  # the server marked the stream as complete
     error: str | None = None  # the server reported an error inside the stream
     usage_tokens: int | None = None  # output token count reported by the server, if any
+    text: str = ""  # the generated text it carries (a chat's next turn resends it)
 
 
 class Api(Protocol):
@@ -49,7 +50,11 @@ class TgiApi:
         event = _load_object(data)
         if "error" in event:
             return StreamEvent(error=f"{event.get('error_type', 'error')}: {event['error']}")
-        return StreamEvent(has_token="token" in event, done=event.get("generated_text") is not None)
+        token = event.get("token")
+        text = token.get("text", "") if isinstance(token, dict) and not token.get("special") else ""
+        return StreamEvent(
+            has_token="token" in event, done=event.get("generated_text") is not None, text=text
+        )
 
 
 class OpenAiApi:
@@ -74,10 +79,12 @@ class OpenAiApi:
         if "error" in chunk:
             return StreamEvent(error=_openai_error_message(chunk["error"]))
         choices = chunk.get("choices") or []
-        has_token = any(isinstance(c, dict) and c.get("text") for c in choices)
+        texts = [
+            c["text"] for c in choices if isinstance(c, dict) and isinstance(c.get("text"), str)
+        ]
         usage = chunk.get("usage")
         usage_tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        return StreamEvent(has_token=has_token, usage_tokens=usage_tokens)
+        return StreamEvent(has_token=any(texts), usage_tokens=usage_tokens, text="".join(texts))
 
 
 APIS: dict[str, Api] = {"tgi": TgiApi(), "openai": OpenAiApi()}

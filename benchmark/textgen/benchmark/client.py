@@ -21,6 +21,7 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)  # arrival of each token event
     usage_tokens: int | None = None  # the server's own count, preferred when sent
     error: str | None = None
+    text: str = ""  # the generated text
 
     @property
     def ok(self) -> bool:
@@ -71,6 +72,7 @@ async def _read_stream(response: httpx.Response, api: Api, result: RequestResult
             return
         if event.has_token:
             result.token_times.append(time.perf_counter())
+        result.text += event.text
         if event.usage_tokens is not None:
             result.usage_tokens = event.usage_tokens
         done = done or event.done

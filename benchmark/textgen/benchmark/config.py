@@ -22,6 +22,8 @@ class ServingConfig:
     watermark: bool = False  # every request asks for the watermark (tgi api only)
     request_rates: tuple[float, ...] = ()  # when set: open-loop levels at these requests/s
     plot: str | None = None  # PNG path of throughput and latency against load
+    shared_prefix_tokens: int = 0  # every prompt starts with the same words (a system prompt)
+    chat_turns: int = 0  # when set: each worker is a user resending its history every turn
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -42,9 +44,15 @@ class ServingConfig:
             raise ValueError(f"request rates must be > 0, got {self.request_rates}")
         if self.watermark and self.api != "tgi":
             raise ValueError("watermark needs the tgi api")
+        if self.shared_prefix_tokens < 0 or self.chat_turns < 0:
+            raise ValueError("shared_prefix_tokens and chat_turns must be >= 0")
+        if self.chat_turns and self.request_rates:
+            raise ValueError("chat_turns runs closed-loop users: not with request rates")
 
     def num_requests_for(self, concurrency: int) -> int:
-        """Measured requests at one concurrency level."""
+        """Measured requests at one concurrency level (a chat: every user's every turn)."""
+        if self.chat_turns:
+            return concurrency * self.chat_turns
         if self.num_requests is not None:
             return self.num_requests
         return max(2 * concurrency, 4)

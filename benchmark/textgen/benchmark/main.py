@@ -136,6 +136,20 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="open-loop levels: Poisson arrivals at R requests/s (replaces --concurrency)",
     )
+    add(
+        "--shared-prefix-tokens",
+        type=int,
+        default=d.shared_prefix_tokens,
+        metavar="N",
+        help="every prompt starts with the same N words (prefix caching)",
+    )
+    add(
+        "--chat-turns",
+        type=int,
+        default=d.chat_turns,
+        metavar="T",
+        help="each of the concurrency's users sends T turns, every one with its whole history",
+    )
     add("--plot", metavar="PNG", help="write throughput and latency against load to PNG")
     add("--watermark", action="store_true", help="watermark every request (tgi api)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
@@ -162,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             watermark=args.watermark,
             request_rates=tuple(args.request_rate),
             plot=args.plot,
+            shared_prefix_tokens=args.shared_prefix_tokens,
+            chat_turns=args.chat_turns,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -20,3 +20,11 @@ def make_prompts(num_prompts: int, num_words: int, seed: int) -> list[str]:
     """`num_prompts` prompts of `num_words` words each, the same for the same seed."""
     rng = random.Random(seed)
     return [" ".join(rng.choices(WORDS, k=num_words)) for _ in range(num_prompts)]
+
+
+def with_shared_prefix(prompts: list[str], num_words: int, seed: int) -> list[str]:
+    """`prompts`, each after the same seeded prefix of `num_words` words (none if 0)."""
+    if not num_words:
+        return prompts
+    prefix = make_prompts(1, num_words, seed + 1_000_003)[0]
+    return [f"{prefix}\n{prompt}" for prompt in prompts]

@@ -18,7 +18,7 @@ import httpx
 from textgen.benchmark.apis import APIS, TgiApi
 from textgen.benchmark.client import RequestResult, send_request
 from textgen.benchmark.config import ServingConfig
-from textgen.benchmark.prompts import make_prompts
+from textgen.benchmark.prompts import make_prompts, with_shared_prefix
 from textgen.benchmark.summary import LevelSummary, summarize
 
 Send = Callable[[str], Awaitable[RequestResult]]
@@ -65,7 +65,7 @@ async def run_level(
     config: ServingConfig, concurrency: int, progress_stream: TextIO
 ) -> LevelSummary:
     num_requests = config.num_requests_for(concurrency)
-    prompts = make_prompts(config.warmup + num_requests, config.prompt_tokens, config.seed)
+    prompts = config_prompts(config, config.warmup + num_requests)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
         base_url=config.url, limits=limits, timeout=config.timeout
@@ -77,7 +77,11 @@ async def run_level(
         await run_pool(send, prompts[: config.warmup], concurrency)
         progress = Progress(progress_stream, f"concurrency {concurrency}", num_requests)
         start = time.perf_counter()
-        results = await run_pool(send, prompts[config.warmup :], concurrency, progress.update)
+        if config.chat_turns:
+            questions = prompts[config.warmup :]
+            results = await run_chats(send, questions, concurrency, progress.update)
+        else:
+            results = await run_pool(send, prompts[config.warmup :], concurrency, progress.update)
         wall_s = time.perf_counter() - start
         progress.close()
     return summarize(concurrency, results, wall_s)
@@ -103,10 +107,39 @@ async def run_pool(
     return results
 
 
+def config_prompts(config: ServingConfig, num_prompts: int) -> list[str]:
+    """The level's prompts (a chat's questions), after the shared prefix when one is set."""
+    prompts = make_prompts(num_prompts, config.prompt_tokens, config.seed)
+    return with_shared_prefix(prompts, config.shared_prefix_tokens, config.seed)
+
+
+async def run_chats(
+    send: Send,
+    questions: list[str],
+    num_users: int,
+    on_done: Callable[[RequestResult], None] = lambda result: None,
+) -> list[RequestResult]:
+    """`num_users` users at once, each asking its share of `questions` in turn; every turn
+    sends the user's whole history (earlier questions and the answers) and the new one."""
+    results: list[RequestResult] = []
+
+    async def user(turns: list[str]) -> None:
+        history = ""
+        for question in turns:
+            prompt = f"{history}User: {question}\nAssistant:"
+            result = await send(prompt)
+            results.append(result)
+            on_done(result)
+            history = f"{prompt}{result.text}\n"
+
+    await asyncio.gather(*(user(questions[u::num_users]) for u in range(num_users)))
+    return results
+
+
 async def run_rate(config: ServingConfig, rate: float, progress_stream: TextIO) -> LevelSummary:
     """Open loop: requests arrive as a seeded Poisson process at `rate` per second."""
     num_requests = config.num_requests_at_rate(rate)
-    prompts = make_prompts(config.warmup + num_requests, config.prompt_tokens, config.seed)
+    prompts = config_prompts(config, config.warmup + num_requests)
     gaps = random.Random(config.seed).expovariate
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(
