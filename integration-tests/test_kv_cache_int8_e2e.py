@@ -76,3 +76,39 @@ def test_two_shards_over_int8_caches_serve_one_shards_greedy_tokens(
             assert (below_top <= TIE).all(), (prompt, below_top.tolist())
             exact += int((below_top == 0).sum())
     assert exact >= len(PROMPTS) * NEW_TOKENS - 3  # near ties are rare
+
+
+SHARED = (
+    "You are a careful assistant for a public library. Answer in one short sentence, name "
+    "the shelf when you can, and never invent a title that the catalogue does not hold. "
+)
+
+
+def _hit_tokens(launcher: Launcher) -> float:
+    metrics = httpx.get(launcher.url + "/metrics").text
+    line = next(
+        x for x in metrics.splitlines() if x.startswith("textgen_prefix_cache_hit_tokens_total")
+    )
+    return float(line.split()[1])
+
+
+def test_prefix_cache_hits_over_int8_caches_serve_one_shards_greedy_tokens(
+    int8_launcher: Launcher, model_dir: Path
+):
+    """The second prompt reads the first's int8 blocks of the shared instructions; what it
+    is served still meets the bound above against a whole int8 forward of its own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with httpx.Client(base_url=int8_launcher.url, timeout=120) as client:
+        for question in ("Where are the atlases?", "Where is poetry?"):
+            before = _hit_tokens(int8_launcher)
+            parameters = {"max_new_tokens": NEW_TOKENS, "details": True}
+            body = {"inputs": SHARED + question, "parameters": parameters}
+            response = client.post("/generate", json=body)
+            assert response.status_code == 200, response.text
+            served = [token["id"] for token in response.json()["details"]["tokens"]]
+            logits = one_shard_logits(model_dir, tokenizer(SHARED + question)["input_ids"], served)
+            below_top = logits.max(-1).values - logits[range(len(served)), served]
+            assert (below_top <= TIE).all(), (question, below_top.tolist())
+    assert _hit_tokens(int8_launcher) - before >= 32  # the second read 2+ cached blocks

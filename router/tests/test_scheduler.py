@@ -477,3 +477,27 @@ async def test_many_requests_over_shared_prefixes_with_chunks_and_eviction(seed)
     await h.settle()
     assert h.allocator.num_used_blocks == 0
     h.close()
+
+
+async def test_a_short_request_goes_ahead_of_a_long_prompts_remaining_chunks():
+    """While a long prompt is chunked, a newcomer that fits in half the step's budget goes
+    in the next step; the long prompt keeps the other half and goes on."""
+    h = Harness({"a": "a" * 30, "z": "zz", "s": "ss"}, gated=True)
+    h.shard.gate_mixed = True  # every step waits for the test
+    chunking(h, chunk_tokens=8)
+    first, long, short = make_entry(1, "a"), make_entry(2, "z" * 40), make_entry(3, "s" * 3)
+    h.queue.append(first)
+    h.steps(1)
+    await h.settle()
+    h.queue.append(long)
+    await step_until_chunk(h, (2, 0, 8))
+    h.queue.append(short)
+    await step_until_chunk(h, (3, 0, 3))
+    # The short prompt's step computed the long prompt's next 5 tokens beside its 3.
+    (short_chunk, (request_id, start, length)) = h.shard.chunks[-2:]
+    assert short_chunk == (3, 0, 3) and (request_id, length) == (2, 5)
+    assert start + length < 40  # the long prompt is not done: the short one went ahead
+    h.steps(40)
+    assert await h.result(short) == "ss"
+    assert await h.result(long) == "zz"
+    h.close()

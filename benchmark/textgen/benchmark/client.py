@@ -45,10 +45,16 @@ class RequestResult:
 
 
 async def send_request(
-    client: httpx.AsyncClient, api: Api, prompt: str, max_new_tokens: int, model: str
+    client: httpx.AsyncClient,
+    api: Api,
+    prompt: str,
+    max_new_tokens: int,
+    model: str,
+    extra: dict | None = None,
 ) -> RequestResult:
-    """Sends one request; failures are recorded in the result, never raised."""
-    body = api.request_body(prompt, max_new_tokens, model)
+    """Sends one request (its body updated with `extra`); failures are recorded in the
+    result, never raised."""
+    body = {**api.request_body(prompt, max_new_tokens, model), **(extra or {})}
     result = RequestResult(start=time.perf_counter())
     try:
         async with client.stream("POST", api.path, json=body) as response:

@@ -1,5 +1,6 @@
 """The serving benchmark's configuration: one frozen dataclass, checked once."""
 
+import json
 from dataclasses import dataclass
 
 from textgen.benchmark.apis import APIS
@@ -24,6 +25,7 @@ class ServingConfig:
     plot: str | None = None  # PNG path of throughput and latency against load
     shared_prefix_tokens: int = 0  # every prompt starts with the same words (a system prompt)
     chat_turns: int = 0  # when set: each worker is a user resending its history every turn
+    extra_body: str = ""  # a JSON object merged into every request body (a peer's own fields)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -46,8 +48,14 @@ class ServingConfig:
             raise ValueError("watermark needs the tgi api")
         if self.shared_prefix_tokens < 0 or self.chat_turns < 0:
             raise ValueError("shared_prefix_tokens and chat_turns must be >= 0")
+        if self.extra_body and not isinstance(json.loads(self.extra_body), dict):
+            raise ValueError("extra_body must be a JSON object")
         if self.chat_turns and self.request_rates:
             raise ValueError("chat_turns runs closed-loop users: not with request rates")
+
+    @property
+    def extra_fields(self) -> dict:
+        return json.loads(self.extra_body) if self.extra_body else {}
 
     def num_requests_for(self, concurrency: int) -> int:
         """Measured requests at one concurrency level (a chat: every user's every turn)."""

@@ -150,6 +150,12 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="each of the concurrency's users sends T turns, every one with its whole history",
     )
+    add(
+        "--extra-body",
+        default=d.extra_body,
+        metavar="JSON",
+        help="a JSON object merged into every request body, e.g. '{\"cache_prompt\": false}'",
+    )
     add("--plot", metavar="PNG", help="write throughput and latency against load to PNG")
     add("--watermark", action="store_true", help="watermark every request (tgi api)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
@@ -178,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot=args.plot,
             shared_prefix_tokens=args.shared_prefix_tokens,
             chat_turns=args.chat_turns,
+            extra_body=args.extra_body,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -72,7 +72,12 @@ async def run_level(
     ) as client:
         api = TgiApi(watermark=True) if config.watermark else APIS[config.api]
         send = partial(
-            send_request, client, api, max_new_tokens=config.max_new_tokens, model=config.model
+            send_request,
+            client,
+            api,
+            max_new_tokens=config.max_new_tokens,
+            model=config.model,
+            extra=config.extra_fields,
         )
         await run_pool(send, prompts[: config.warmup], concurrency)
         progress = Progress(progress_stream, f"concurrency {concurrency}", num_requests)
@@ -147,7 +152,12 @@ async def run_rate(config: ServingConfig, rate: float, progress_stream: TextIO) 
     ) as client:
         api = TgiApi(watermark=True) if config.watermark else APIS[config.api]
         send = partial(
-            send_request, client, api, max_new_tokens=config.max_new_tokens, model=config.model
+            send_request,
+            client,
+            api,
+            max_new_tokens=config.max_new_tokens,
+            model=config.model,
+            extra=config.extra_fields,
         )
         await run_pool(send, prompts[: config.warmup], 1)
         progress = Progress(progress_stream, f"rate {rate:g}/s", num_requests)

@@ -197,20 +197,32 @@ class Scheduler:
         return stepped
 
     def _next_prefill(self, running: RunningBatch | None, waiting_steps: int) -> StepPlan:
-        """The next step's prompt work: continued chunks first, then newcomers from the queue."""
+        """The next step's prompt work: continued chunks, and newcomers from the queue.
+
+        While a long prompt is part-way through, newcomers whose whole prompt fits in
+        half the step's budget go first, so a short request is not held behind every
+        chunk of a long one; the long prompt keeps at least the other half, so a flow
+        of short requests cannot starve it.
+        """
+        for entry in [e for e in self._prefilling if e.cancelled]:
+            self._prefilling.remove(entry)
+            self._release(entry)
         budget = self._budget(running, waiting_steps)
         tokens = budget.prefill_tokens
-        chunks = []
-        for entry in list(self._prefilling):
-            if entry.cancelled:
-                self._prefilling.remove(entry)
-                self._release(entry)
-            elif tokens > 0:
+        newcomers: list[Entry] = []
+        if self._prefilling:
+            short = dataclasses.replace(budget, prefill_tokens=tokens - tokens // 2)
+            newcomers = self._queue.next_batch(short, chunked=False) or []
+            tokens -= sum(entry.request.input_len - entry.prefilled for entry in newcomers)
+        chunks = [
+            PrefillChunk(e, e.prefilled, e.request.input_len - e.prefilled) for e in newcomers
+        ]
+        for entry in self._prefilling:
+            if tokens > 0:
                 length = min(entry.request.input_len - entry.prefilled, tokens)
                 chunks.append(PrefillChunk(entry, entry.prefilled, length))
                 tokens -= length
-        newcomers = []
-        if tokens > 0:
+        if tokens > 0 and not newcomers:
             chunked = self._config.prefill_chunk_tokens is not None
             budget = dataclasses.replace(budget, prefill_tokens=tokens)
             newcomers = self._queue.next_batch(budget, chunked) or []
@@ -219,7 +231,8 @@ class Scheduler:
                 length = min(rest, tokens) if chunkable(entry) else rest
                 chunks.append(PrefillChunk(entry, entry.prefilled, length))
                 tokens -= length
-                self._metrics.prefix_cache_used(entry)
+        for entry in newcomers:
+            self._metrics.prefix_cache_used(entry)
         return StepPlan(tuple(chunks), tuple(newcomers))
 
     def _budget(self, running: RunningBatch | None, waiting_steps: int) -> Budget:
