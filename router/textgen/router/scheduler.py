@@ -29,7 +29,9 @@ ahead of any newcomer, until its last chunk yields its first token. With no
 request decoding the budget is `max_batch_prefill_tokens`, and the last prompt
 that does not fit is chunked too, so a step fills its budget. A prompt that
 cannot be chunked (its prompt logprobs are wanted) goes whole, in a step of its
-own, rather than wait for every decode to end.
+own, rather than wait for every decode to end. While a prompt is part-way
+through, a newcomer whose whole prompt fits in half the step's budget goes
+first, so a short request waits one step, not every chunk of a long prompt.
 
 Prefix cache (allocator.py): on admission the queue matches each prompt against
 the cache; its cached blocks are shared and the request starts as if those
