@@ -213,7 +213,10 @@ class Scheduler:
         tokens = budget.prefill_tokens
         newcomers: list[Entry] = []
         if self._prefilling:
-            short = dataclasses.replace(budget, prefill_tokens=tokens - tokens // 2)
+            # NOTE: no waiting_served_ratio here: this step prefills anyway, so joining it
+            # costs the running requests no extra pause.
+            half = tokens - tokens // 2
+            short = dataclasses.replace(budget, prefill_tokens=half, min_size=None)
             newcomers = self._queue.next_batch(short, chunked=False) or []
             tokens -= sum(entry.request.input_len - entry.prefilled for entry in newcomers)
         chunks = [
