@@ -100,7 +100,11 @@ def prompts(model_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, prompts: list[str]) -> list[list[int]]:
     tokens, hits, _ = _served(
-        tmp_path_factory.mktemp("off"), "--no-prefix-caching", prompts=prompts
+        tmp_path_factory.mktemp("off"),
+        "--no-prefix-caching",
+        "--prefill-chunk-tokens",
+        "0",  # whole prompts
+        prompts=prompts,
     )
     assert hits == 0
     return tokens

@@ -72,7 +72,7 @@ def test_router_command_with_defaults() -> None:
         "--port", "9000", "--hostname", "127.0.0.1",
         "--master-shard-uds-path", "/tmp/textgen-server-0",
         "--max-input-tokens", "4095", "--max-total-tokens", "4096",
-        "--max-batch-prefill-tokens", "4145",
+        "--max-batch-prefill-tokens", "4145", "--prefill-chunk-tokens", "512",
         "--max-concurrent-requests", "128", "--waiting-served-ratio", "0.3",
         "--max-waiting-tokens", "20", "--max-stop-sequences", "4",
         "--max-top-n-tokens", "5", "--max-best-of", "2", "--payload-limit", "2000000",
@@ -136,7 +136,6 @@ def test_router_command_with_optional_flags() -> None:
     assert argv[-1] == "--json-output"
     config = parse_args(argv[argv.index("--model-dir") :])
     assert config.prefill_chunk_tokens == 64
-    assert "--prefill-chunk-tokens" not in make_commands().router()
 
 
 def test_console_script_from_the_venv() -> None:
@@ -178,3 +177,8 @@ def test_the_kv_cache_dtype_reaches_the_shards_config() -> None:
     argv = make_commands(kv_cache_dtype="int8", num_shard=2).shard(1)
     assert argv[argv.index("--kv-cache-dtype") + 1] == "int8"
     assert shard_config(argv).kv_cache_dtype == "int8"
+
+
+def test_chunked_prefill_is_on_by_default_and_0_turns_it_off() -> None:
+    assert make_commands().router().count("--prefill-chunk-tokens") == 1
+    assert "--prefill-chunk-tokens" not in make_commands(prefill_chunk_tokens=0).router()

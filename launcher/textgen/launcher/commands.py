@@ -86,7 +86,7 @@ class TextgenCommands:
         ]  # fmt: skip
         argv += _optional("--max-batch-total-tokens", c.max_batch_total_tokens)
         argv += _optional("--max-batch-size", c.max_batch_size)
-        argv += _optional("--prefill-chunk-tokens", c.prefill_chunk_tokens)
+        argv += _optional("--prefill-chunk-tokens", c.prefill_chunk_tokens or None)
         argv += [
             "--max-concurrent-requests", str(c.max_concurrent_requests),
             "--waiting-served-ratio", str(c.waiting_served_ratio),
