@@ -70,15 +70,7 @@ async def run_level(
     async with httpx.AsyncClient(
         base_url=config.url, limits=limits, timeout=config.timeout
     ) as client:
-        api = TgiApi(watermark=True) if config.watermark else APIS[config.api]
-        send = partial(
-            send_request,
-            client,
-            api,
-            max_new_tokens=config.max_new_tokens,
-            model=config.model,
-            extra=config.extra_fields,
-        )
+        send = sender(client, config)
         await run_pool(send, prompts[: config.warmup], concurrency)
         progress = Progress(progress_stream, f"concurrency {concurrency}", num_requests)
         start = time.perf_counter()
@@ -110,6 +102,19 @@ async def run_pool(
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
     return results
+
+
+def sender(client: httpx.AsyncClient, config: ServingConfig) -> Send:
+    """Sends one prompt as `config` says (API, output length, model, extra body fields)."""
+    api = TgiApi(watermark=True) if config.watermark else APIS[config.api]
+    return partial(
+        send_request,
+        client,
+        api,
+        max_new_tokens=config.max_new_tokens,
+        model=config.model,
+        extra=config.extra_fields,
+    )
 
 
 def config_prompts(config: ServingConfig, num_prompts: int) -> list[str]:
@@ -150,15 +155,7 @@ async def run_rate(config: ServingConfig, rate: float, progress_stream: TextIO) 
     async with httpx.AsyncClient(
         base_url=config.url, limits=limits, timeout=config.timeout
     ) as client:
-        api = TgiApi(watermark=True) if config.watermark else APIS[config.api]
-        send = partial(
-            send_request,
-            client,
-            api,
-            max_new_tokens=config.max_new_tokens,
-            model=config.model,
-            extra=config.extra_fields,
-        )
+        send = sender(client, config)
         await run_pool(send, prompts[: config.warmup], 1)
         progress = Progress(progress_stream, f"rate {rate:g}/s", num_requests)
         start = time.perf_counter()
