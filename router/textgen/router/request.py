@@ -161,7 +161,6 @@ class Entry:
         self.timings = Timings()
         self.cancelled = False
         self.finished = False
-        self.num_generated = 0
         self._text_parts: list[str] = []
         self._detokenizer = IncrementalDetokenizer(info.tokenizer, list(request.input_ids))
         self._stop = StopSequenceMatcher(request.stopping.stop_sequences)
@@ -173,6 +172,10 @@ class Entry:
         """The grammar's state: advanced by every token, it gives the next step's token mask."""
         self._held: list[StreamEvent] = []
         """Events `add_token(hold=True)` kept back until `release`."""
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.generated_ids)
 
     @property
     def done(self) -> bool:
@@ -193,7 +196,6 @@ class Entry:
         now = time.monotonic()
         if self.num_generated == 0:
             self.timings.first_token = now
-        self.num_generated += 1
         self.generated_ids.append(token_id)
         token = self.info.token(token_id, self._detokenizer.step(token_id), logprob)
         if self.guide is not None and not self.guide.accept(token_id):
